@@ -1,0 +1,30 @@
+# Two entry points that work on a fresh machine with Python 3.11:
+#   make demo   sets up .venv and runs the main job on the embedded default config
+#   make test   sets up .venv (with test extras) and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test venv venv-test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+venv-test: $(VENV)/.installed-test
+
+demo: venv
+	$(PY) -m hdb_jax.train --config configs/demo.py
+
+test: venv-test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

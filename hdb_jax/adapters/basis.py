@@ -1,0 +1,103 @@
+"""LiDB's frozen orthonormal bases: generated once per base model, stored, hashed.
+
+Regenerating the bases from a seed on another device or library version can give different
+bits (QR is not bit-reproducible across platforms), and weights trained against one basis are
+meaningless against another. So the bases are generated once, written to a safetensors file
+together with a content hash, and every personal weights file records the hash it was trained
+against.
+
+File layout: one tensor per factor, named ``{path}/a_aux`` and ``{path}/b_aux``; metadata
+``format=hdb_jax.lidb_basis``, ``hash``, ``a``, ``b``, ``component``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Mapping
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+FORMAT = "hdb_jax.lidb_basis"
+Tree = Mapping[str, Mapping[str, np.ndarray]]
+
+
+class BasisError(ValueError):
+    """A basis file is missing, malformed or does not match its recorded hash."""
+
+
+def _flatten(tree: Tree) -> dict[str, np.ndarray]:
+    return {
+        f"{path}/{name}": np.ascontiguousarray(np.asarray(array))
+        for path, factors in tree.items()
+        for name, array in factors.items()
+    }
+
+
+def basis_hash(tree: Tree) -> str:
+    """SHA-256 (hex, 16 chars) over names, dtypes, shapes and raw bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for name, array in sorted(_flatten(tree).items()):
+        digest.update(name.encode())
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_basis(filename: str | os.PathLike, tree: Tree, **metadata) -> str:
+    """Writes the bases and returns their hash.
+
+    Args:
+      filename: the ``.safetensors`` file to write.
+      tree: ``{path: {"a_aux": [in, a], "b_aux": [b, out]}}``.
+      **metadata: extra string-able fields (``a``, ``b``, ``component``, base model id).
+
+    Returns:
+      The content hash, also stored in the file's metadata.
+    """
+    digest = basis_hash(tree)
+    meta = {k: str(v) for k, v in metadata.items()}
+    meta.update(format=FORMAT, hash=digest)
+    save_file(_flatten(tree), os.fspath(filename), metadata=meta)
+    return digest
+
+
+def load_basis(filename: str | os.PathLike) -> tuple[dict, dict]:
+    """Reads bases written by :func:`save_basis`, bit-identical, and verifies their hash.
+
+    Returns:
+      ``(tree, metadata)``; ``metadata["hash"]`` is the verified content hash.
+
+    Raises:
+      BasisError: missing file, another format, or contents that do not match the hash.
+    """
+    filename = os.fspath(filename)
+    if not os.path.isfile(filename):
+        raise BasisError(f"LiDB basis file not found: {filename}")
+    try:
+        with safe_open(filename, framework="numpy") as handle:
+            meta = dict(handle.metadata() or {})
+            flat = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise BasisError(f"{filename}: not a readable safetensors file ({err})") from err
+    if meta.get("format") != FORMAT:
+        raise BasisError(f"{filename}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    tree: dict[str, dict[str, np.ndarray]] = {}
+    for name, array in flat.items():
+        path, _, factor = name.rpartition("/")
+        tree.setdefault(path, {})[factor] = array
+    actual = basis_hash(tree)
+    if actual != meta.get("hash"):
+        raise BasisError(
+            f"{filename}: contents hash to {actual} but the file records {meta.get('hash')}; "
+            "the file is corrupt or was edited"
+        )
+    return tree, meta
+
+
+def describe(meta: Mapping[str, str]) -> str:
+    """One line for logs."""
+    return json.dumps({k: meta[k] for k in sorted(meta)})

@@ -1,0 +1,1 @@
+"""Stable Diffusion components (Flax) for hdb_jax."""

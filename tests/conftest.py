@@ -1,0 +1,32 @@
+"""Shared fixtures. Eight fake CPU devices are set up before JAX starts, for sharding tests."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    """The tiny SD-family model (32 px images, 16x16 latents)."""
+    from hdb_jax.sd import model
+
+    return model.tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_sd):
+    return tiny_sd.init_params(jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="session")
+def unet_inputs(tiny_sd, tiny_params):
+    """(latents [2,4,16,16], timesteps [2], context [2,77,32]) for two different prompts."""
+    latents = jax.random.normal(jax.random.PRNGKey(1), tiny_sd.latent_shape(32, batch=2))
+    ids = tiny_sd.tokenize(["a photo of sks face", "a painting of a face"])
+    context = tiny_sd.encode_text(tiny_params["text_encoder"], ids)
+    return latents, jnp.array([10, 700], jnp.int32), context
