@@ -165,6 +165,19 @@ class Adapter:
             )
 
 
+@contextlib.contextmanager
+def attach_all(
+    adapters: Mapping[str, Adapter], trainable: Mapping[str, Tree], frozen: Mapping[str, Tree], *, per_sample: bool = False
+):
+    """Attaches every component's adapter at once (trees keyed by component name)."""
+    with contextlib.ExitStack() as stack:
+        for component, adapter in adapters.items():
+            stack.enter_context(
+                adapter.attach(trainable[component], frozen.get(component), per_sample=per_sample)
+            )
+        yield
+
+
 def broadcast_batch(tree: Tree, batch: int) -> Tree:
     """A per-sample tree of ``batch`` copies of ``tree`` (leading axis added)."""
     return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), tree)

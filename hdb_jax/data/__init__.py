@@ -1,0 +1,1 @@
+"""Data sources: synthetic faces and image-folder loading."""
