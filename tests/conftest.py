@@ -30,3 +30,17 @@ def unet_inputs(tiny_sd, tiny_params):
     ids = tiny_sd.tokenize(["a photo of sks face", "a painting of a face"])
     context = tiny_sd.encode_text(tiny_params["text_encoder"], ids)
     return latents, jnp.array([10, 700], jnp.int32), context
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny diffusers-format model directory written by PyTorch diffusers (safetensors)."""
+    pytest.importorskip("torch")
+    from test_sd_reference import _write_pytorch_model
+
+    from hdb_jax.sd import model, vocab
+
+    root = tmp_path_factory.mktemp("tiny_pt_model")
+    tokenizer = vocab.tiny_tokenizer()
+    _write_pytorch_model(root, model.tiny_configs(resolution=32, tokenizer=tokenizer), tokenizer)
+    return root

@@ -11,6 +11,11 @@ their Flax classes (matched by message, on their own loggers); every other warni
 from __future__ import annotations
 
 import logging
+import os
+
+# transformers imports TensorFlow (seconds, and its own thread pools) whenever it is installed,
+# e.g. with the optional TFDS extra; hdb_jax never uses transformers' TF classes.
+os.environ.setdefault("USE_TF", "0")
 
 # Messages the pinned libraries log every time a Flax class is built or loaded.
 _DEPRECATION_PREFIXES = (
@@ -47,7 +52,7 @@ from diffusers import (  # noqa: E402
     FlaxUNet2DConditionModel,
 )
 from diffusers.models import modeling_flax_pytorch_utils as _diffusers_pt_utils  # noqa: E402
-from diffusers.models.attention_flax import FlaxGEGLU  # noqa: E402
+from diffusers.models.attention_flax import FlaxAttention, FlaxGEGLU  # noqa: E402
 from transformers import (  # noqa: E402
     CLIPTextConfig,
     CLIPTokenizer,
@@ -97,6 +102,7 @@ __all__ = [
     "FlaxDDIMScheduler",
     "FlaxDDPMScheduler",
     "FlaxDPMSolverMultistepScheduler",
+    "FlaxAttention",
     "FlaxGEGLU",
     "FlaxUNet2DConditionModel",
     "FlaxViTModule",

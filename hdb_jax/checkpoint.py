@@ -1,0 +1,136 @@
+"""Orbax checkpoints for training runs: named items, interval + preemption saves, resume.
+
+A run directory holds ``checkpoints/<step>/{state,config}``: ``state`` is the trainable pytree
+(adapter or hypernetwork parameters, optimizer state, step counter), ``config`` the run's config
+as JSON. Frozen base weights are never saved. Restoring goes into the abstract target (shapes,
+dtypes and, for sharded runs, shardings), so a resumed state lands where the step expects it.
+
+Preemption: SIGTERM (what TPU VMs, SLURM and Kubernetes send before killing a job) only sets a
+flag; the training loop asks :meth:`Checkpointer.should_stop` at each step boundary, saves the
+current step and exits cleanly. On multi-process runs the decision is taken in sync through JAX's
+preemption sync point, so every process saves the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """A thin policy layer over ``orbax.checkpoint.CheckpointManager``.
+
+    Args:
+      directory: where step folders go (created if missing).
+      every: save every this many steps (and always at the final step).
+      max_to_keep: how many recent checkpoints to keep.
+      handle_sigterm: install a SIGTERM handler that requests a save-and-stop.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, every: int, max_to_keep: int = 3, handle_sigterm: bool = True):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.every = int(every)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "config"))
+        self._stop = threading.Event()
+        self._previous_handler = None
+        if handle_sigterm and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # ---------------------------------------------------------------- preemption
+    def _on_sigterm(self, signum, frame):  # noqa: ARG002 - signal handler signature
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        """Asks the loop to save and stop at the next step boundary (what SIGTERM does)."""
+        self._stop.set()
+
+    def should_stop(self, step: int) -> bool:
+        """True once a stop was requested here, or (multi-process) on any process."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    return True
+            except RuntimeError:  # preemption service not enabled in this distributed runtime
+                pass
+        return self._stop.is_set()
+
+    # ---------------------------------------------------------------- save / restore
+    @property
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether the interval policy asks for a save after ``step``."""
+        return step == last_step or (self.every > 0 and step % self.every == 0)
+
+    def save(self, step: int, state: Any, config: Mapping[str, Any]) -> None:
+        """Saves ``state`` (a pytree of arrays) and ``config`` (JSON-able) at ``step``."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                config=ocp.args.JsonSave(json.loads(json.dumps(config, default=str))),
+            ),
+            force=True,
+        )
+
+    def restore(self, abstract_state: Any | None, step: int | None = None) -> tuple[int, Any]:
+        """Restores the state saved at ``step`` (default: latest) into ``abstract_state``'s layout.
+
+        Args:
+          abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with shardings where relevant) or
+            arrays with the target structure; None restores the saved tree as it was written
+            (for inspection).
+
+        Returns:
+          ``(step, state)``.
+
+        Raises:
+          FileNotFoundError: there is no checkpoint.
+          ValueError: the saved tree does not fit ``abstract_state`` (another adapter layout).
+        """
+        step = self.latest_step if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        target = None
+        if abstract_state is not None:
+            target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{self.directory}/{step}: the checkpoint does not fit this run's state "
+                f"(another adapter kind or target list?): {err}"
+            ) from err
+        return step, restored["state"]
+
+    def saved_config(self, step: int | None = None) -> dict:
+        step = self.latest_step if step is None else step
+        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return dict(restored["config"])
+
+    def close(self) -> None:
+        """Waits for pending (async) saves and restores the previous SIGTERM handler."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
