@@ -46,18 +46,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.adapter = ml_collections.ConfigDict()
     c.adapter.kind = kind
-    c.adapter.unet_patterns = [PATTERNS["unet_attention"]]
-    c.adapter.text_patterns = [PATTERNS["text_attention"]]
+    c.adapter.unet_patterns = (PATTERNS["unet_attention"],)
+    c.adapter.text_patterns = (PATTERNS["text_attention"],)
     c.adapter.basis_file = ""  # LiDB: a shared basis file; empty -> <workdir>/lidb_basis.safetensors
     c.adapter.lidb = ml_collections.ConfigDict(dict(a=100, b=50, rank=1, init_std=1e-3) if sd15 else dict(a=16, b=8, rank=1, init_std=1e-3))
     c.adapter.lora = ml_collections.ConfigDict(dict(rank=4, alpha=4.0))
     c.adapter.kron = ml_collections.ConfigDict(dict(a1=4, a2=64, scale=1.0) if sd15 else dict(a1=4, a2=8, scale=1.0))
     c.adapter.residual = ml_collections.ConfigDict(dict(ratio=0.05 if sd15 else 0.25, rank=4))
     if kind == "kron":
-        c.adapter.text_patterns = []  # DiffuseKronA: text encoder frozen
+        c.adapter.text_patterns = ()  # DiffuseKronA: text encoder frozen
     if kind == "residual":
-        c.adapter.unet_patterns = [PATTERNS["unet_proj_out"]]
-        c.adapter.text_patterns = []
+        c.adapter.unet_patterns = (PATTERNS["unet_proj_out"],)
+        c.adapter.text_patterns = ()
 
     # methods.md: LiDB pre-optimisation lr 1e-3 (~300 steps); Kron 5e-4 (500-1000 steps);
     # residuals 1e-3 (150 steps, batch 4); LoRA-DreamBooth 1e-4.
@@ -80,16 +80,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.flip = True
     c.data.prior_weight = 0.0  # > 0 enables prior preservation on data.prior images
     c.data.instance = ml_collections.ConfigDict(
-        dict(source="synthetic", identities=[7], images_per_identity=4, seed=0, folder="", min_size=64)
+        dict(source="synthetic", identities=(7,), images_per_identity=4, seed=0, folder="", min_size=64)
     )
     c.data.prior = ml_collections.ConfigDict(
-        dict(source="synthetic", identities=list(range(1000, 1008)), images_per_identity=1, seed=0, folder="", min_size=64)
+        dict(source="synthetic", identities=tuple(range(1000, 1008)), images_per_identity=1, seed=0, folder="", min_size=64)
     )
 
     c.export = ml_collections.ConfigDict()
     c.export.lora = True  # also write a standard (diffusers/PEFT) LoRA file where the kind allows
-    c.export.sample_prompts = ["a sks face", "a face"] if not sd15 else ["a photo of sks face"]
-    c.export.sample_seeds = [0, 1]
+    c.export.sample_prompts = ("a sks face", "a face") if not sd15 else ("a photo of sks face",)
+    c.export.sample_seeds = (0, 1)
     c.export.sample_steps = 10 if not sd15 else 25
     c.export.guidance_scale = 3.0 if not sd15 else 7.5
     return c
