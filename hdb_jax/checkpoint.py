@@ -37,7 +37,8 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         self.every = int(every)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "config"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._stop = threading.Event()
         self._previous_handler = None
         if handle_sigterm and threading.current_thread() is threading.main_thread():
@@ -104,9 +105,16 @@ class Checkpointer:
         step = self.latest_step if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-        target = None
-        if abstract_state is not None:
-            target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        if abstract_state is None:
+            # Inspection: every leaf on this process's first device, whatever mesh wrote it.
+            meta = self._manager.item_metadata(step)["state"]
+            if meta is None:
+                raise FileNotFoundError(f"{self.directory}/{step}: no state metadata")
+            single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract_state = jax.tree_util.tree_map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=single), getattr(meta, "tree", meta)
+            )
+        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except (ValueError, KeyError, TypeError) as err:

@@ -163,13 +163,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
         padded = group + [group[-1]] * (chunk - len(group))  # the last chunk repeats its last identity
         images = _identity_images(config, padded)  # [K, V, H, W, 3]
         state = init(jnp.asarray(padded, jnp.int32))
-        first = sharding.global_batch({"images": images[:, 0], "input_ids": np.stack([ids] * len(padded))}, mesh)
+        first = sharding.global_batch(lambda r: {"images": images[r, 0], "input_ids": np.stack([ids] * len(r))}, chunk, mesh)
         before = np.asarray(jax.device_get(evaluate(state["trainable"], frozen, first, eval_key)))
         t0 = time.perf_counter()
         for s in range(config.steps):
             variant = np.random.default_rng([config.seed, start, s]).integers(0, images.shape[1], len(padded))
-            batch = {"images": images[np.arange(len(padded)), variant], "input_ids": np.stack([ids] * len(padded))}
-            state, losses = step(state, frozen, sharding.global_batch(batch, mesh), k_train)
+            batch = sharding.global_batch(
+                lambda r: {"images": images[r, variant[r]], "input_ids": np.stack([ids] * len(r))}, chunk, mesh)
+            state, losses = step(state, frozen, batch, k_train)
         final = np.asarray(jax.device_get(evaluate(state["trainable"], frozen, first, eval_key)))
         name = f"chunk_{start // chunk:05d}.safetensors"
         tensors = {

@@ -7,16 +7,16 @@ largest dimension divisible by the ``fsdp`` axis size over it (replicate if none
 first matching rule wins; unmatched leaves are replicated. Data parallel vs FSDP is therefore a
 config change (``mesh.fsdp=2``), never a code branch.
 
-Batches are sharded over every mesh axis along their leading dimension; each process loads only
-its own slice of the global batch (:func:`process_slice`) and :func:`global_batch` assembles the
-global array without any host sending data to another.
+Batches are sharded over every mesh axis along their leading dimension; :func:`global_batch` asks
+each process to load only the rows its devices hold and assembles the global array without any
+host sending data to another.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -121,22 +121,45 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
 
-def process_slice(global_batch: int) -> slice:
-    """The rows of a global batch this process loads (contiguous, equal per process)."""
-    count, index = jax.process_count(), jax.process_index()
-    if global_batch % count:
-        raise ValueError(f"global batch {global_batch} is not divisible by {count} processes")
-    per = global_batch // count
-    return slice(index * per, (index + 1) * per)
+def local_rows(global_size: int, mesh: Mesh) -> np.ndarray:
+    """Global batch rows whose data this process's devices hold (sorted, usually contiguous)."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_size,))
+    rows = set()
+    for (rows_slice,) in index_map.values():
+        rows.update(range(*rows_slice.indices(global_size)))
+    return np.array(sorted(rows), dtype=np.int64)
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles per-process slices into global arrays sharded by :func:`batch_sharding`."""
+def global_batch(load_rows: Callable[[np.ndarray], Mapping[str, np.ndarray]], global_size: int, mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles a global batch sharded by :func:`batch_sharding`; each process loads only its rows.
+
+    Args:
+      load_rows: ``rows [k] -> {name: [k, ...]}``, the data of global batch rows ``rows``.
+      global_size: the global batch size.
+      mesh: the mesh.
+
+    Returns:
+      ``{name: global jax.Array [global_size, ...]}``. Row i is the same data whatever the number
+      of processes or the device order, so results do not depend on the cluster's shape.
+    """
+    if global_size % mesh.size:
+        raise ValueError(f"global batch {global_size} is not divisible by the mesh's {mesh.size} devices")
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+    rows = local_rows(global_size, mesh)
+    local = {k: np.asarray(v) for k, v in load_rows(rows).items()}
+    position = {int(r): i for i, r in enumerate(rows)}
+    index_map = sharding.addressable_devices_indices_map((global_size,))
+    out = {}
+    for name, values in local.items():
+        shards = []
+        for device, (rows_slice,) in index_map.items():
+            take = [position[r] for r in range(*rows_slice.indices(global_size))]
+            shards.append(jax.device_put(values[take], device))
+        out[name] = jax.make_array_from_single_device_arrays((global_size,) + values.shape[1:], sharding, shards)
+    return out
 
 
-def describe(tree_of_shardings: Any) -> dict[str, str]:
-    """``{path: str(PartitionSpec)}``, for logs and tests."""
-    flat = jax.tree_util.tree_flatten_with_path(tree_of_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
-    return {path_str(p): str(s.spec) for p, s in flat}
+def describe(tree: Any) -> dict[str, str]:
+    """``{path: str(PartitionSpec)}`` of a tree of NamedShardings or of sharded arrays."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
+    return {path_str(p): str(getattr(s, "sharding", s).spec) for p, s in flat}

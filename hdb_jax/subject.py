@@ -46,7 +46,7 @@ def build_model(config: ml_collections.ConfigDict, key: jax.Array):
     """``(sd, params)`` for ``config.model.source``: ``tiny`` (random init) or a directory/hub id."""
     if config.model.source == "tiny":
         sd = model.tiny(resolution=config.model.resolution)
-        return sd, sd.init_params(key)
+        return sd, sd.random_params(key)
     return loading.load_pretrained(config.model.source)
 
 
@@ -317,6 +317,49 @@ def _lidb_shape(config) -> dict:
     return {k: config.adapter.lidb[k] for k in ("a", "b", "rank")}
 
 
+def export_subject(config: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict[str, str]:
+    """Writes ``personal.safetensors``, ``lora.safetensors`` (if the kind allows) and a sample grid.
+
+    Returns:
+      ``{artefact: path}`` of what was written.
+    """
+    from hdb_jax import export
+
+    workdir, adapters = result["workdir"], result["adapters"]
+    trainable = jax.device_get(result["state"]["trainable"])
+    written = {}
+    written["personal"] = os.fspath(export.save_personal(
+        os.path.join(workdir, "personal.safetensors"), adapters, trainable,
+        base_fingerprint=model.params_fingerprint(result["params"]), basis_hash=result["basis_hash"],
+        extra={"steps": int(result["state"]["step"]), "prompt": config.data.prompt, "model": result["sd"].name},
+    ))
+    if config.export.lora:
+        try:
+            export.export_lora(os.path.join(workdir, "lora.safetensors"), adapters, trainable, jax.device_get(result["frozen"]))
+            written["lora"] = os.path.join(workdir, "lora.safetensors")
+        except export.NotExportableError as err:
+            print(f"no standard LoRA file: {err}")
+    if config.export.sample_prompts:
+        from hdb_jax import sample
+
+        sd, params = result["sd"], result["params"]
+        merged = sample.merged_params(params, adapters, trainable, jax.device_get(result["frozen"]))
+        prompts = [p for p in config.export.sample_prompts for _ in config.export.sample_seeds]
+        seeds = [s for _ in config.export.sample_prompts for s in config.export.sample_seeds]
+        kwargs = dict(num_steps=config.export.sample_steps, guidance_scale=config.export.guidance_scale)
+        personal = sample.sample(sd, merged, prompts, seeds, **kwargs)
+        base = sample.sample(sd, params, prompts, seeds, **kwargs)
+        labels = [f"{tag}: {p} (seed {s})" for tag in ("personal", "base") for p, s in zip(prompts, seeds)]
+        written["grid"] = os.fspath(sample.save_grid(np.concatenate([personal, base]), os.path.join(workdir, "samples.png"),
+                                                     cols=len(prompts), labels=labels))
+    for name, path in written.items():
+        print(f"wrote {name}: {path} ({os.path.getsize(path):,} bytes)")
+    return written
+
+
 def run(config: ml_collections.ConfigDict) -> dict:
-    """The ``subject`` job: train (or resume), then export."""
-    return train_subject(config)
+    """The ``subject`` job: train (or resume), then export unless the run was interrupted."""
+    result = train_subject(config)
+    if not result["stopped_early"]:
+        result["written"] = export_subject(config, result)
+    return result

@@ -12,7 +12,11 @@ from typing import Any, Callable
 import ml_collections
 
 # config.job -> "module:function"; modules are imported only when their job runs.
-JOBS: dict[str, str] = {"subject": "hdb_jax.subject:run", "preopt": "hdb_jax.preopt:run"}
+JOBS: dict[str, str] = {
+    "subject": "hdb_jax.subject:run",
+    "preopt": "hdb_jax.preopt:run",
+    "hypernet": "hdb_jax.hypernet.train:run",
+}
 
 
 def job_function(name: str) -> Callable[[ml_collections.ConfigDict], Any]:

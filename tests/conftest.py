@@ -20,7 +20,7 @@ def tiny_sd():
 
 @pytest.fixture(scope="session")
 def tiny_params(tiny_sd):
-    return tiny_sd.init_params(jax.random.PRNGKey(0))
+    return tiny_sd.random_params(jax.random.PRNGKey(0))
 
 
 @pytest.fixture(scope="session")

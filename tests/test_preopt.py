@@ -62,3 +62,15 @@ def test_preopt_kill_resume_every_identity_once(tmp_path, tiny_model_dir):
 
     again = subprocess.run(_cmd(workdir, tiny_model_dir), cwd=ROOT, capture_output=True, text=True)
     assert "4 identities already done, 0 to pre-optimise" in again.stdout
+
+    # Stage 2 on these weights: the hypernetwork's predictions beat zero weights on held-out faces.
+    hyper = subprocess.run(
+        [sys.executable, "-m", "hdb_jax.train", "--config=configs/hypernet.py:tiny", f"--config.workdir={tmp_path / 'hyper'}",
+         f"--config.model.source={tiny_model_dir}", f"--config.data.preopt_dir={workdir}", "--config.steps=16",
+         "--config.batch_size=8", "--config.mesh.data=-1", "--config.data.heldout=(901,902,903,904)",
+         "--config.adapter.basis_file=" + str(workdir / "lidb_basis.safetensors")],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert hyper.returncode == 0, hyper.stderr[-3000:]
+    heldout = json.loads((tmp_path / "hyper" / "heldout.json").read_text())
+    assert heldout["predicted"] < heldout["zero"], heldout

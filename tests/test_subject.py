@@ -18,7 +18,8 @@ def _cli(workdir, model_dir, kind, steps, *extra, wait=True):
     args = [
         sys.executable, "-m", "hdb_jax.train", f"--config=configs/subject.py:tiny,adapter={kind}",
         f"--config.workdir={workdir}", f"--config.model.source={model_dir}", f"--config.steps={steps}",
-        "--config.checkpoint_every=3", "--config.log_every=1", "--config.export.lora=False", *extra,
+        "--config.checkpoint_every=3", "--config.log_every=1", "--config.export.lora=False",
+        "--config.export.sample_prompts=()", *extra,
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if not wait:
@@ -71,7 +72,10 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     stopped = int(text.split("stopped at step ")[1].split()[0])
     assert 0 < stopped < steps
 
-    out = _cli(tmp_path / "interrupted", tiny_model_dir, "lidb", steps)
+    # The interrupted run exported nothing; the resumed one exports everything.
+    assert not (tmp_path / "interrupted" / "personal.safetensors").exists()
+    out = _cli(tmp_path / "interrupted", tiny_model_dir, "lidb", steps, "--config.export.lora=True",
+               "--config.export.sample_prompts=('a sks face',)", "--config.export.sample_steps=2")
     assert f"at step {stopped}" in out
     step_a, a = _final_trainable(tmp_path / "straight")
     step_b, b = _final_trainable(tmp_path / "interrupted")
@@ -81,6 +85,21 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     assert flat_a.keys() == flat_b.keys() and len(flat_a) == 2 * 40  # a_train, b_train x 40 layers
     for key in flat_a:
         np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
+
+    # Exports of the resumed run: personal weights (the checkpoint's values), LoRA file, grid.
+    from PIL import Image
+
+    from hdb_jax import export
+
+    personal = export.load_personal(tmp_path / "interrupted" / "personal.safetensors", base_fingerprint=None)
+    assert personal.metadata["basis_hash"] and personal.metadata["extra"]["steps"] == steps
+    for component, tree in personal.trainable.items():
+        for path, factors in tree.items():
+            for name, value in factors.items():
+                np.testing.assert_array_equal(value, flat_b[f"{component}/{path}/{name}"])
+    assert (tmp_path / "interrupted" / "lora.safetensors").stat().st_size > 0
+    grid = Image.open(tmp_path / "interrupted" / "samples.png")
+    assert grid.width >= 32 and grid.height >= 64  # personal row above base row
 
 
 def _flatten(tree, prefix=""):

@@ -115,25 +115,16 @@ def identity(identity_id: int, seed: int = 0) -> FaceIdentity:
     skin = _SKIN_TONES[i] * (1 - (t - i)) + _SKIN_TONES[i + 1] * (t - i)
     skin = np.clip(skin + rng.uniform(-0.03, 0.03, 3), 0, 1)
     return FaceIdentity(
-        identity_id=int(identity_id),
-        face_ratio=float(rng.uniform(0.72, 0.9)),
-        skin=tuple(float(c) for c in skin),
-        hair_color=_pick(rng, _HAIR_COLORS),
-        hair_style=int(rng.choice(3, p=_HAIR_STYLE_P)),
-        hair_part=float(rng.uniform(-1, 1)),
-        eye_color=_pick(rng, _EYE_COLORS),
-        eye_spacing=float(rng.uniform(0.15, 0.2)),
-        eye_height=float(rng.uniform(-0.1, -0.03)),
-        nose_length=float(rng.uniform(0.11, 0.18)),
-        mouth_width=float(rng.uniform(0.14, 0.24)),
-        brow_tilt=float(rng.uniform(-0.02, 0.02)),
-        shirt_color=_pick(rng, _ACCENTS),
-        hat_color=_pick(rng, _ACCENTS),
+        identity_id=int(identity_id), face_ratio=float(rng.uniform(0.72, 0.9)),
+        skin=tuple(float(c) for c in skin), hair_color=_pick(rng, _HAIR_COLORS),
+        hair_style=int(rng.choice(3, p=_HAIR_STYLE_P)), hair_part=float(rng.uniform(-1, 1)),
+        eye_color=_pick(rng, _EYE_COLORS), eye_spacing=float(rng.uniform(0.15, 0.2)),
+        eye_height=float(rng.uniform(-0.1, -0.03)), nose_length=float(rng.uniform(0.11, 0.18)),
+        mouth_width=float(rng.uniform(0.14, 0.24)), brow_tilt=float(rng.uniform(-0.02, 0.02)),
+        shirt_color=_pick(rng, _ACCENTS), hat_color=_pick(rng, _ACCENTS),
         glasses_color=_pick(rng, [(0.1, 0.1, 0.1), (0.35, 0.2, 0.1), (0.6, 0.1, 0.1)]),
-        glasses=bool(rng.random() < P_GLASSES),
-        hat=bool(rng.random() < P_HAT),
-        earrings=bool(rng.random() < P_EARRINGS),
-    )
+        glasses=bool(rng.random() < P_GLASSES), hat=bool(rng.random() < P_HAT),
+        earrings=bool(rng.random() < P_EARRINGS))
 
 
 def variation(identity_id: int, index: int, seed: int = 0, style: Optional[str] = None,
@@ -216,24 +207,48 @@ class _Canvas:
         c, s = math.cos(var.rotation), math.sin(var.rotation)
         x, y = self.x - var.tx, self.y - var.ty - _HEAD_Y
         squash = 1 - 0.08 * abs(var.yaw)  # a turned head looks narrower
-        self.u = (c * x + s * y) / (var.scale * squash)  # [H, W] face frame
-        self.v = (-s * x + c * y) / var.scale
+        self.full_u = (c * x + s * y) / (var.scale * squash)  # [H, W] face frame
+        self.full_v = (-s * x + c * y) / var.scale
         self.px = 2 / resolution / var.scale  # one pixel in face units
+        self.var, self.res, self.squash = var, resolution, squash
+        self.win = (slice(None), slice(None))
         self.style = var.style
         self.img = np.empty((resolution, resolution, 3), np.float32)
-        self.img[:] = BACKGROUNDS[var.background]
+        self.img[:] = (0.97,) * 3 if var.style == "sketch" else BACKGROUNDS[var.background]
         self.line_width = {"photo": 0.0, "cartoon": max(1.2 * self.px, 0.014),
                            "sketch": max(1.0 * self.px, 0.01)}[var.style]
         self.ink = (0.07, 0.05, 0.05) if var.style == "cartoon" else (0.2, 0.2, 0.2)
 
+    def focus(self, cx=None, cy=None, radius=None):
+        """Restricts painting to a window around face point (cx, cy); no args: all.
+
+        Returns the face coordinates (u, v) of the window's pixels, each [h, w].
+        """
+        self.win = (slice(None), slice(None))
+        if cx is not None:  # face frame -> image coords, inverting the pose
+            var, c, s = self.var, math.cos(self.var.rotation), math.sin(self.var.rotation)
+            fx, fy = cx * var.scale * self.squash, cy * var.scale
+            centre = (c * fx - s * fy + var.tx, s * fx + c * fy + var.ty + _HEAD_Y)
+            half = (radius * var.scale + self.line_width) * self.res / 2 + 2  # pixels
+            lo_hi = [(max(0, math.floor((p + 1) * self.res / 2 - half)),
+                      max(0, math.ceil((p + 1) * self.res / 2 + half))) for p in centre]
+            self.win = (slice(*lo_hi[1]), slice(*lo_hi[0]))
+        return self.full_u[self.win], self.full_v[self.win]
+
     def blend(self, alpha, color: Color):
-        self.img += alpha[..., None] * (np.asarray(color, np.float32) - self.img)
+        """Alpha-blends ``color`` into the window, touching only where alpha > 0."""
+        rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
+        if rows.size == 0:
+            return
+        box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+        img = self.img[self.win][box]  # a view: updated in place, [h, w, 3]
+        img += alpha[box][..., None] * (np.asarray(color, np.float32) - img)
 
     def paint(self, sd, color: Color, opacity: float = 1.0, line: bool = True):
         """Fills the shape ``sd < 0``; draws its outline in cartoon / sketch."""
         if self.style == "sketch":  # pale paper tones, keeps a hint of value
             lum = 0.3 * color[0] + 0.59 * color[1] + 0.11 * color[2]
-            color = (1 - 0.35 * (1 - lum),) * 3
+            color = (1 - 0.45 * (1 - lum),) * 3
         self.blend(_smooth_cover(sd, self.px) * opacity, color)
         if line and self.line_width:
             band = np.abs(sd) - self.line_width / 2
@@ -252,7 +267,8 @@ def render_face(ident: FaceIdentity, var: Variation, resolution: int = 64) -> np
       uint8 array [resolution, resolution, 3].
     """
     cv = _Canvas(resolution, var)
-    u, v, photo = cv.u, cv.v, var.style == "photo"
+    u, v = cv.focus()
+    photo = var.style == "photo"
     b = _FACE_H
     a = b * ident.face_ratio           # face half-width
     du = 0.06 * var.yaw                # features shift with the head turn
@@ -272,7 +288,9 @@ def render_face(ident: FaceIdentity, var: Variation, resolution: int = 64) -> np
 
     # Ears, face, earrings.
     for side in (-1, 1):
+        u, v = cv.focus(side * a * 0.97, -0.01, 0.1)
         cv.paint(_ellipse(u, v, side * a * 0.97, -0.01, 0.06, 0.095), _shade(skin, 0.93))
+    u, v = cv.focus()
     face = _ellipse(u, v, 0, 0, a, b)
     cv.paint(face, skin)
     if photo:  # soft darkening towards the rim of the face
@@ -280,12 +298,14 @@ def render_face(ident: FaceIdentity, var: Variation, resolution: int = 64) -> np
         cv.blend(0.3 * rim, _shade(skin, 0.7))
     if ident.earrings:
         for side in (-1, 1):
-            cv.paint(_circle(u, v, side * a * 1.0, 0.13, 0.028), _GOLD)
+            u, v = cv.focus(side * a * 1.01, 0.14, 0.04)
+            cv.paint(_circle(u, v, side * a * 1.01, 0.14, 0.04), _GOLD)
 
     # Eyes and eyebrows.
     gaze = 0.012 * var.yaw
     for side in (-1, 1):
         ex = side * ident.eye_spacing + du
+        u, v = cv.focus(ex, ey - 0.03, 0.12)
         white = _ellipse(u, v, ex, ey, 0.07, 0.042)
         cv.paint(white, (0.96, 0.96, 0.94))
         cv.paint(np.maximum(_circle(u, v, ex + gaze, ey, 0.033), white), ident.eye_color)
@@ -300,18 +320,20 @@ def render_face(ident: FaceIdentity, var: Variation, resolution: int = 64) -> np
 
     # Nose and mouth.
     nose_y = ey + ident.nose_length
+    mouth_y = nose_y + 0.1
+    u, v = cv.focus(du, (ey + mouth_y) / 2, (mouth_y - ey) / 2 + ident.mouth_width / 2 + 0.05)
     cv.paint(_capsule(u, v, du, ey + 0.04, du * 1.3, nose_y, 0.016), _shade(skin, 0.82),
              opacity=0.6 if photo else 1.0, line=False)
     for side in (-1, 1):
         cv.paint(_ellipse(u, v, du * 1.3 + side * 0.022, nose_y, 0.013, 0.008),
                  _shade(skin, 0.45), line=False)
-    mouth_y = nose_y + 0.1
     vb = v + var.smile * 2.5 * (u - du) ** 2  # bends the mouth into a smile
     lips = _ellipse(u, vb, du, mouth_y, ident.mouth_width / 2, 0.026)
     cv.paint(lips, _mix(skin, (0.75, 0.22, 0.28), 0.55))
     cv.paint(np.maximum(np.abs(vb - mouth_y) - 0.005, lips), (0.35, 0.08, 0.1), line=False)
 
     # Hair in front: a cap above a wavy, parted hairline (+ side locks if long).
+    u, v = cv.focus()
     if ident.hair_style != HAIR_BALD:
         hairline = -b * 0.42 + 0.06 * ident.hair_part * u / a + 0.015 * np.cos(u * 40)
         cap = np.maximum(_ellipse(u, v, 0, -0.03, a * 1.07, b * 1.05), v - hairline)
@@ -328,6 +350,7 @@ def render_face(ident: FaceIdentity, var: Variation, resolution: int = 64) -> np
         cv.paint(_box(u, v, 0, -b * 0.55, a * 1.4, 0.032, 0.03), _shade(ident.hat_color, 0.85))
     if ident.glasses:
         r, s = 0.085, ident.eye_spacing
+        u, v = cv.focus(du, ey, a + 0.15)
         frame = _capsule(u, v, du - s + r, ey - 0.01, du + s - r, ey - 0.01, 0.01)
         for side in (-1, 1):
             ex = side * s + du

@@ -25,6 +25,7 @@ import numpy as np
 from flax import serialization, traverse_util
 from safetensors import safe_open
 
+from hdb_jax.sd import attention as attention_lib
 from hdb_jax.sd import hf
 from hdb_jax.sd.model import COMPONENTS, StableDiffusion
 
@@ -232,6 +233,8 @@ def load_pretrained(
     variant: str | None = None,
     revision: str | None = None,
     components: tuple[str, ...] = COMPONENTS,
+    attention: str = attention_lib.DEFAULT_IMPLEMENTATION,
+    attention_chunk: int = attention_lib.DEFAULT_CHUNK,
 ) -> tuple[StableDiffusion, dict]:
     """Loads a diffusers-format Stable Diffusion (local directory or hub id), torch-free.
 
@@ -242,6 +245,8 @@ def load_pretrained(
       variant: a weights variant such as ``fp16`` (``*.fp16.safetensors``).
       revision: hub revision.
       components: which networks to load weights for (configs are always read).
+      attention: the UNet attention implementation (see :mod:`hdb_jax.sd.attention`).
+      attention_chunk: queries per chunk for the chunked implementations.
 
     Returns:
       ``(sd, params)`` with ``params = {component: tree of jax arrays}``.
@@ -251,7 +256,10 @@ def load_pretrained(
     """
     root = resolve(source, revision)
     sd = load_configs(root, dtype=dtype)
-    sd = StableDiffusion.from_configs(sd.configs, sd.tokenizer, name=os.fspath(source), dtype=dtype)
+    sd = StableDiffusion.from_configs(
+        sd.configs, sd.tokenizer, name=os.fspath(source), dtype=dtype,
+        attention=attention, attention_chunk=attention_chunk,
+    )
     abstract = sd.abstract_params()
     params = {}
     for component in components:

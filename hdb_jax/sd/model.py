@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from hdb_jax.sd import attention as attention_lib
 from hdb_jax.sd import hf, vocab
 
 Params = Mapping[str, Any]
@@ -136,6 +137,9 @@ class StableDiffusion:
         the forward (noising) process used by every training loss.
       configs: the raw configs, keyed ``unet``, ``vae``, ``text_encoder``, ``scheduler``.
       name: where the model came from (a directory, a hub id, ``tiny`` or ``sd15-shapes``).
+      attention: how the UNet's attention layers compute (one of
+        :data:`hdb_jax.sd.attention.IMPLEMENTATIONS`; ``diffusers`` runs the library's code).
+      attention_chunk: queries per chunk for the chunked implementations.
     """
 
     unet: Any
@@ -145,6 +149,11 @@ class StableDiffusion:
     noise_scheduler: Any
     configs: Mapping[str, Mapping[str, Any]]
     name: str
+    attention: str = attention_lib.DEFAULT_IMPLEMENTATION
+    attention_chunk: int = attention_lib.DEFAULT_CHUNK
+
+    def __post_init__(self):
+        attention_lib.interceptor(self.attention, self.attention_chunk)  # validates both
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -155,6 +164,8 @@ class StableDiffusion:
         *,
         name: str,
         dtype=jnp.float32,
+        attention: str = attention_lib.DEFAULT_IMPLEMENTATION,
+        attention_chunk: int = attention_lib.DEFAULT_CHUNK,
     ) -> "StableDiffusion":
         """Builds the modules from diffusers/transformers config dicts.
 
@@ -163,6 +174,8 @@ class StableDiffusion:
           tokenizer: a CLIPTokenizer, or None.
           name: a human-readable identifier of the model.
           dtype: the computation dtype of the modules (parameters keep their own dtype).
+          attention: the UNet attention implementation (see :mod:`hdb_jax.sd.attention`).
+          attention_chunk: queries per chunk for the chunked implementations.
 
         Returns:
           The model bundle.
@@ -185,6 +198,8 @@ class StableDiffusion:
             noise_scheduler=scheduler,
             configs={k: dict(v) for k, v in configs.items()},
             name=name,
+            attention=attention,
+            attention_chunk=attention_chunk,
         )
 
     # ---------------------------------------------------------------- static facts
@@ -249,6 +264,32 @@ class StableDiffusion:
         keys = jax.random.split(key, len(COMPONENTS))
         return {name: jax.jit(fns[name])(k) for name, k in zip(COMPONENTS, keys)}
 
+    def random_params(self, key: jax.Array, resolution: int | None = None) -> dict:
+        """Random parameters drawn from the abstract shapes, without tracing the model's init.
+
+        Flax's defaults, per leaf name: ``kernel`` ~ N(0, 1/fan_in) (LeCun), ``bias`` = 0,
+        ``scale`` = 1, ``embedding`` ~ N(0, 0.02²). Seconds instead of the minutes a compiled
+        ``init`` of every component costs on two CPU cores; the tiny model, tests and demo use it.
+        """
+        abstract = self.abstract_params(resolution)
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        rng = np.random.default_rng(seed)
+
+        def draw(path, leaf):
+            name = str(getattr(path[-1], "key", path[-1]))
+            shape = tuple(leaf.shape)
+            if name == "bias":
+                value = np.zeros(shape)
+            elif name == "scale":
+                value = np.ones(shape)
+            elif name == "kernel":
+                value = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+            else:
+                value = 0.02 * rng.standard_normal(shape)
+            return jnp.asarray(value, leaf.dtype)
+
+        return jax.tree_util.tree_map_with_path(draw, abstract)
+
     def abstract_params(self, resolution: int | None = None) -> dict:
         """Parameter shapes and dtypes (``jax.ShapeDtypeStruct``) without allocating anything."""
         resolution = resolution or self.default_resolution
@@ -288,7 +329,8 @@ class StableDiffusion:
         timesteps = jnp.asarray(timesteps)
         if timesteps.ndim == 0:
             timesteps = jnp.broadcast_to(timesteps, latents.shape[:1])
-        with nn.intercept_methods(exact_geglu):
+        attend = attention_lib.interceptor(self.attention, self.attention_chunk)
+        with nn.intercept_methods(exact_geglu), nn.intercept_methods(attend):
             out = self.unet.apply({"params": params}, jnp.asarray(latents), timesteps, context)
         return out.sample
 
@@ -411,12 +453,21 @@ def tiny_configs(
     }
 
 
-def tiny(*, resolution: int = 32, dtype=jnp.float32, **overrides) -> StableDiffusion:
+def tiny(
+    *,
+    resolution: int = 32,
+    dtype=jnp.float32,
+    attention: str = attention_lib.DEFAULT_IMPLEMENTATION,
+    attention_chunk: int = attention_lib.DEFAULT_CHUNK,
+    **overrides,
+) -> StableDiffusion:
     """A tiny randomly-initialisable SD-family model with our own offline tokenizer.
 
     Args:
       resolution: image side in pixels.
       dtype: computation dtype.
+      attention: the UNet attention implementation (see :mod:`hdb_jax.sd.attention`).
+      attention_chunk: queries per chunk for the chunked implementations.
       **overrides: forwarded to :func:`tiny_configs` (widths, depth).
 
     Returns:
@@ -424,7 +475,9 @@ def tiny(*, resolution: int = 32, dtype=jnp.float32, **overrides) -> StableDiffu
     """
     tokenizer = vocab.tiny_tokenizer()
     configs = tiny_configs(resolution=resolution, tokenizer=tokenizer, **overrides)
-    return StableDiffusion.from_configs(configs, tokenizer, name="tiny", dtype=dtype)
+    return StableDiffusion.from_configs(
+        configs, tokenizer, name="tiny", dtype=dtype, attention=attention, attention_chunk=attention_chunk
+    )
 
 
 def params_fingerprint(params: Params) -> str:

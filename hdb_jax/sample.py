@@ -1,0 +1,411 @@
+"""Text-to-image sampling: one compiled denoising loop with classifier-free guidance.
+
+The sampler is a pure function ``(params, cond_ids, uncond_ids, latents0) -> images``,
+jitted once per (model, scheduler, steps, guidance) and reused for every batch of that shape.
+Inside it, the text encoder runs once, then ``lax.fori_loop`` walks the scheduler's timesteps
+carrying ``(latents, scheduler state)``: each step runs the UNet on the conditional and
+unconditional halves as one batch of 2B, combines them as
+``ε = ε_u + g · (ε_c − ε_u)`` and takes one step of diffusers' Flax DDIM or DPM-Solver++
+scheduler. The VAE decodes the result in the same program.
+
+Personal weights are merged into the base parameters before sampling (see
+:func:`merged_params`), so the sampler itself knows nothing about adapters.
+
+Command line::
+
+    python -m hdb_jax.sample --model tiny --prompt "a photo of sks face" --seeds 0,1,2 \
+        --scheduler ddim --steps 25 --guidance 7.5 --out runs/samples [--weights PATH [--basis FILE]]
+
+It writes ``p{prompt index}_s{seed}.png`` for every prompt x seed and ``grid.png`` (one row per
+prompt, one column per seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hdb_jax.sd import hf
+from hdb_jax.sd.model import StableDiffusion
+
+SCHEDULERS = ("ddim", "dpm++")
+# Settings we impose on top of the model's scheduler config, per sampler name.
+_OVERRIDES: dict[str, dict[str, Any]] = {"ddim": {}, "dpm++": {"algorithm_type": "dpmsolver++"}}
+_CLASSES = {"ddim": "FlaxDDIMScheduler", "dpm++": "FlaxDPMSolverMultistepScheduler"}
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (latents [B,C,h,w], t []) -> output
+
+
+# -------------------------------------------------------------------- schedulers
+def make_scheduler(sd_or_config: StableDiffusion | Mapping[str, Any], name: str = "ddim"):
+    """A diffusers Flax inference scheduler built from a model's scheduler config.
+
+    Args:
+      sd_or_config: the model bundle (its ``configs["scheduler"]`` is used) or a config dict.
+      name: ``ddim`` or ``dpm++`` (DPM-Solver++ multistep, ``algorithm_type="dpmsolver++"``).
+
+    Returns:
+      A ``FlaxDDIMScheduler`` or ``FlaxDPMSolverMultistepScheduler``; keys of the config that
+      the class's ``__init__`` does not take (e.g. PNDM's ``skip_prk_steps``) are dropped.
+    """
+    if name not in _CLASSES:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {SCHEDULERS}")
+    config = sd_or_config.configs["scheduler"] if isinstance(sd_or_config, StableDiffusion) else sd_or_config
+    cls = getattr(hf, _CLASSES[name])
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "dtype"}
+    kwargs = {k: v for k, v in config.items() if k in accepted}
+    kwargs.update(_OVERRIDES[name])
+    return cls(**kwargs)
+
+
+def denoise(scheduler, num_steps: int, model_fn: ModelFn, latents: jax.Array) -> jax.Array:
+    """Runs the reverse process from ``latents`` with ``lax.fori_loop`` (traceable, pure).
+
+    Args:
+      scheduler: a diffusers Flax scheduler (DDIM or DPM-Solver multistep).
+      num_steps: number of inference steps (static).
+      model_fn: ``(latents [B,C,h,w], t scalar int) -> model output [B,C,h,w]``; the
+        scheduler's prediction type says whether that is ε, v or x0.
+      latents: initial noisy latents [B, C, h, w], already scaled by ``init_noise_sigma``.
+
+    Returns:
+      The denoised latents [B, C, h, w].
+    """
+    state = scheduler.create_state()
+    state = scheduler.set_timesteps(state, num_steps, latents.shape)
+
+    def body(i, carry):
+        x, st = carry  # x: [B, C, h, w]
+        t = st.timesteps[i]
+        model_in = scheduler.scale_model_input(st, x, t)
+        out = model_fn(model_in, t).astype(x.dtype)  # a bf16 UNet must not change the carry
+        return scheduler.step(st, out, t, x, return_dict=False)
+
+    latents, _ = jax.lax.fori_loop(0, num_steps, body, (latents, state))
+    return latents
+
+
+def timesteps(sd: StableDiffusion, scheduler: str, num_steps: int, shape=(1, 4, 8, 8)) -> np.ndarray:
+    """The integer timesteps the sampler visits, in order (for logs and tests)."""
+    sched = make_scheduler(sd, scheduler)
+    return np.asarray(sched.set_timesteps(sched.create_state(), num_steps, shape).timesteps)
+
+
+# -------------------------------------------------------------------- the sampler
+def guided_model_fn(
+    sd: StableDiffusion, params_unet, cond: jax.Array, uncond: jax.Array | None, guidance_scale: float
+) -> ModelFn:
+    """The UNet under classifier-free guidance, as a ``model_fn`` for :func:`denoise`.
+
+    Args:
+      sd: the model bundle.
+      params_unet: UNet parameters (adapters already merged).
+      cond: conditional text features [B, L, D].
+      uncond: unconditional text features [B, L, D], or None for no guidance.
+      guidance_scale: g in ``ε_u + g · (ε_c − ε_u)``.
+
+    Returns:
+      ``(latents [B,C,h,w], t) -> guided output [B,C,h,w]``; with ``uncond`` the two halves
+      run as one UNet batch of 2B.
+    """
+    if uncond is None:
+        return lambda x, t: sd.predict(params_unet, x, t, cond)
+    context = jnp.concatenate([uncond, cond], axis=0)  # [2B, L, D]
+
+    def model_fn(x, t):
+        out = sd.predict(params_unet, jnp.concatenate([x, x], axis=0), t, context)  # [2B, C, h, w]
+        out_u, out_c = jnp.split(out, 2, axis=0)
+        return out_u + guidance_scale * (out_c - out_u)
+
+    return model_fn
+
+
+@functools.lru_cache(maxsize=16)
+def make_sampler(
+    sd: StableDiffusion, *, scheduler: str = "ddim", num_steps: int = 25, guidance_scale: float = 7.5,
+    decode: bool = True,
+) -> Callable:
+    """The jitted sampler ``(params, cond_ids, uncond_ids, latents0) -> images``.
+
+    Cached per arguments, so repeated calls (and :func:`sample`) share one compiled program per
+    batch shape.
+
+    Args:
+      sd: the model bundle.
+      scheduler: ``ddim`` or ``dpm++``.
+      num_steps: inference steps.
+      guidance_scale: classifier-free guidance scale; exactly 1 skips the unconditional half
+        (``uncond_ids`` is then ignored).
+      decode: if False, the function returns the final latents [B, C, h, w] instead of images.
+
+    Returns:
+      A jitted function of ``params`` (``{"unet", "vae", "text_encoder"}``), ``cond_ids`` and
+      ``uncond_ids`` (int [B, L]) and ``latents0`` [B, C, h, w] (from :func:`initial_latents`),
+      returning NHWC float images [B, H, W, 3] clipped to [-1, 1].
+    """
+    sched = make_scheduler(sd, scheduler)
+    guided = float(guidance_scale) != 1.0
+
+    def run(params, cond_ids, uncond_ids, latents0):
+        cond = sd.encode_text(params["text_encoder"], cond_ids)  # [B, L, D]
+        uncond = sd.encode_text(params["text_encoder"], uncond_ids) if guided else None
+        model_fn = guided_model_fn(sd, params["unet"], cond, uncond, float(guidance_scale))
+        latents = denoise(sched, num_steps, model_fn, latents0.astype(jnp.float32))
+        if not decode:
+            return latents
+        return jnp.clip(sd.decode_latents(params["vae"], latents), -1.0, 1.0)  # [B, H, W, 3]
+
+    return jax.jit(run)
+
+
+def initial_latents(
+    sd: StableDiffusion, seeds: Sequence[int], resolution: int | None = None, *, scheduler: str = "ddim"
+) -> jax.Array:
+    """Starting noise [N, C, h, w]: row i depends only on ``seeds[i]`` (``PRNGKey(seed)``).
+
+    Scaled by the scheduler's ``init_noise_sigma``, so a (prompt, seed) pair gives the same image
+    whatever else is in its batch.
+    """
+    shape = sd.latent_shape(resolution or sd.default_resolution)[1:]  # (C, h, w)
+    keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+    noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+    sched = make_scheduler(sd, scheduler)
+    return noise * sched.create_state().init_noise_sigma
+
+
+def to_uint8(images) -> np.ndarray:
+    """Float NHWC images in [-1, 1] -> uint8 [0, 255]."""
+    scaled = (np.asarray(images, np.float32) + 1.0) * 127.5
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def sample(
+    sd: StableDiffusion, params: Mapping[str, Any], prompts: Sequence[str], seeds: Sequence[int], *,
+    negative_prompt: str = "", scheduler: str = "ddim", num_steps: int = 25, guidance_scale: float = 7.5,
+    batch_size: int = 4, resolution: int | None = None, progress: bool = True,
+) -> np.ndarray:
+    """Images of (prompt, seed) pairs, in fixed-size batches through one compiled sampler.
+
+    Args:
+      sd: the model bundle (it needs a tokenizer).
+      params: ``{"unet", "vae", "text_encoder"}`` with any personal weights already merged.
+      prompts: one prompt per image.
+      seeds: one seed per image (same length as ``prompts``).
+      negative_prompt: the unconditional prompt for guidance.
+      scheduler: ``ddim`` or ``dpm++``.
+      num_steps: inference steps.
+      guidance_scale: classifier-free guidance scale.
+      batch_size: images per compiled call; every batch (even a lone short one) is padded to
+        this size, so each image comes out of the same compiled program.
+      resolution: image side in pixels (default: the model's).
+      progress: show a tqdm bar over batches.
+
+    Returns:
+      uint8 images [N, H, W, 3].
+    """
+    from tqdm.auto import tqdm
+
+    n = len(prompts)
+    if n != len(seeds) or not n or batch_size < 1:
+        raise ValueError(f"need one seed per prompt and a positive batch size; got {n} prompts, "
+                         f"{len(seeds)} seeds, batch_size={batch_size}")
+    fn = make_sampler(sd, scheduler=scheduler, num_steps=num_steps, guidance_scale=guidance_scale)
+    cond_ids = sd.tokenize(list(prompts))  # [N, L]
+    uncond_ids = np.broadcast_to(sd.tokenize([negative_prompt]), cond_ids.shape)  # [N, L]
+    latents = np.asarray(initial_latents(sd, seeds, resolution, scheduler=scheduler))  # [N, C, h, w]
+    chunks = []
+    for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", disable=not progress):
+        rows = np.arange(start, start + batch_size).clip(max=n - 1)  # pad by repeating the last
+        out = fn(params, cond_ids[rows], uncond_ids[rows], latents[rows])
+        chunks.append(to_uint8(out)[: n - start])
+    return np.concatenate(chunks, axis=0)
+
+
+def merged_params(
+    params: Mapping[str, Any], adapters: Mapping[str, Any], trainable: Mapping[str, Any],
+    frozen: Mapping[str, Any] | None = None, scale: float = 1.0,
+) -> dict:
+    """Base parameters with every component's adapter merged in (``W + scale · ΔW``).
+
+    Args:
+      params: ``{"unet", "vae", "text_encoder"}`` base parameters (left untouched).
+      adapters: ``{component: Adapter}``.
+      trainable: ``{component: trainable tree}``.
+      frozen: ``{component: frozen tree}`` (LiDB bases); missing components mean none.
+      scale: multiplies every update.
+
+    Returns:
+      A new parameter dict; components without an adapter are shared with ``params``.
+    """
+    frozen = frozen or {}
+    out = dict(params)
+    for component, adapter in adapters.items():
+        if component not in params:
+            raise KeyError(f"adapter for unknown component '{component}'; have {sorted(params)}")
+        if getattr(adapter, "component", component) != component:
+            raise ValueError(f"adapter keyed '{component}' targets '{adapter.component}'")
+        out[component] = adapter.merge(params[component], trainable[component], frozen.get(component), scale)
+    return out
+
+
+# -------------------------------------------------------------------- files
+def save_images(images: np.ndarray, directory, names: Sequence[str]) -> list[Path]:
+    """Writes each uint8 image [H, W, 3] of ``images`` as ``directory/name`` (PNG)."""
+    from PIL import Image
+
+    if len(names) != len(images):
+        raise ValueError(f"{len(images)} images but {len(names)} names")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for image, name in zip(images, names):
+        path = directory / (name if name.endswith(".png") else f"{name}.png")
+        Image.fromarray(np.asarray(image, np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def save_grid(
+    images: np.ndarray, path, *, cols: int | None = None, labels: Sequence[str] | None = None,
+    label_height: int = 14,
+) -> Path:
+    """Writes uint8 images [N, H, W, 3] as one PNG grid, row-major.
+
+    Args:
+      images: uint8 [N, H, W, 3].
+      path: output file.
+      cols: images per row (default ``ceil(sqrt(N))``).
+      labels: optional caption per image, drawn in a strip under it.
+      label_height: height of that strip in pixels.
+
+    Returns:
+      The path written. Without labels the grid is ``rows·H x cols·W`` pixels.
+    """
+    from PIL import Image, ImageDraw
+
+    images = np.asarray(images, np.uint8)
+    n, h, w, _ = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    cell_h = h + (label_height if labels else 0)
+    grid = Image.new("RGB", (cols * w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = (i % cols) * w, (i // cols) * cell_h
+        grid.paste(Image.fromarray(image), (x, y))
+        if labels:
+            draw.text((x + 1, y + h + 1), str(labels[i]), fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+# -------------------------------------------------------------------- command line
+def _seeds(text: str) -> str:
+    if not all(s.strip().lstrip("-").isdigit() for s in text.split(",") if s.strip()):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return text
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hdb_jax.sample", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny", help="'tiny' or a diffusers-format directory / hub id")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable; each prompt x each seed")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seeds", default="0", type=_seeds, help="comma-separated integers")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--weights", default=None, help="personal weights written by hdb_jax.export")
+    p.add_argument("--basis", default=None, help="LiDB basis file the --weights were trained with")
+    p.add_argument("--out", default="runs/samples")
+    return p.parse_args(argv)
+
+
+def load_model(source: str) -> tuple[StableDiffusion, dict]:
+    """``tiny`` (random weights from ``PRNGKey(0)``) or a diffusers-format directory / hub id."""
+    if source == "tiny":
+        from hdb_jax.sd import model
+
+        sd = model.tiny()
+        return sd, sd.init_params(jax.random.PRNGKey(0))
+    from hdb_jax.sd import loading
+
+    return loading.load_pretrained(source)
+
+
+def load_weights(path, params: Mapping[str, Any], basis_file=None) -> tuple[dict, dict, dict]:
+    """Reads a personal weights file for the base model ``params``.
+
+    Args:
+      path: a file written by ``hdb_jax.export.save_personal``.
+      params: the base parameters in use; their fingerprint must match the file's.
+      basis_file: the LiDB basis file (``hdb_jax.adapters.basis``); required for LiDB adapters.
+
+    Returns:
+      ``(adapters, trainable, frozen)`` keyed by component, ready for :func:`merged_params`.
+
+    Raises:
+      hdb_jax.export.IncompatibleWeightsError: the file belongs to another base model or basis.
+      SystemExit: LiDB weights without a basis file, or a basis lacking one of their layers.
+    """
+    from hdb_jax import export  # imported only when personal weights are used
+    from hdb_jax.adapters import LiDB
+    from hdb_jax.adapters import basis as basis_io
+    from hdb_jax.sd.model import params_fingerprint
+
+    bases, digest = {}, None
+    if basis_file:
+        bases, meta = basis_io.load_basis(basis_file)
+        digest = meta["hash"]
+    personal = export.load_personal(path, base_fingerprint=params_fingerprint(params), basis_hash=digest)
+    frozen = {}
+    for component, adapter in personal.adapters.items():
+        if not isinstance(adapter.kind, LiDB):
+            continue
+        if not basis_file:
+            raise SystemExit(f"{path}: LiDB weights need the basis they were trained with (--basis FILE)")
+        names = {t.path: f"{component}.{t.path}" for t in adapter.targets}  # the trainer's keys
+        missing = [n for n in names.values() if n not in bases]
+        if missing:
+            raise SystemExit(f"{basis_file}: no basis for {len(missing)} layers, e.g. {missing[:2]}")
+        frozen[component] = {p: bases[n] for p, n in names.items()}
+    return personal.adapters, personal.trainable, frozen
+
+
+def main(argv=None) -> list[Path]:
+    """Entry point: samples every prompt with every seed, writes PNGs and ``grid.png``."""
+    args = _parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds:
+        raise SystemExit("--seeds is empty")
+    sd, params = load_model(args.model)
+    if args.weights:
+        params = merged_params(params, *load_weights(args.weights, params, args.basis))
+    pairs = list(itertools.product(range(len(args.prompt)), seeds))  # prompt-major
+    images = sample(
+        sd, params, [args.prompt[i] for i, _ in pairs], [s for _, s in pairs],
+        negative_prompt=args.negative_prompt, scheduler=args.scheduler, num_steps=args.steps,
+        guidance_scale=args.guidance, batch_size=args.batch_size, resolution=args.resolution,
+    )
+    out = Path(args.out)
+    paths = save_images(images, out, [f"p{i}_s{s}" for i, s in pairs])
+    paths.append(save_grid(images, out / "grid.png", cols=len(seeds)))
+    print(f"wrote {len(images)} images and {paths[-1]}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
