@@ -157,6 +157,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
     eval_key = jax.random.PRNGKey(config.seed + 1)
 
     trained = []
+    # Never reuse a chunk name: files of an earlier (possibly interrupted) run keep theirs.
+    numbers = [int(f[6:11]) for f in os.listdir(out_dir) if f.startswith("chunk_") and f.endswith(".safetensors")]
+    next_chunk = max(numbers, default=-1) + 1
     bar = metrics.progress(len(todo), desc="identities")
     for start in range(0, len(todo), chunk):
         group = todo[start:start + chunk]
@@ -172,7 +175,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
                 lambda r: {"images": images[r, variant[r]], "input_ids": np.stack([ids] * len(r))}, chunk, mesh)
             state, losses = step(state, frozen, batch, k_train)
         final = np.asarray(jax.device_get(evaluate(state["trainable"], frozen, first, eval_key)))
-        name = f"chunk_{start // chunk:05d}.safetensors"
+        name = f"chunk_{next_chunk:05d}.safetensors"
+        next_chunk += 1
         tensors = {
             f"{c}/{p}/{f}": np.asarray(jax.device_get(v))[: len(group)]
             for c, tree in state["trainable"].items() for p, fs in tree.items() for f, v in fs.items()

@@ -56,9 +56,12 @@ def test_preopt_kill_resume_every_identity_once(tmp_path, tiny_model_dir):
     assert [r["identity"] for r in loaded_rows] == [r["identity"] for r in rows]
     b_train = [v for k, v in weights.items() if k.endswith("b_train")]
     assert b_train and all(v.shape[0] == 4 and np.abs(v).max() > 0 for v in b_train)
-    # Different identities learned different weights.
+    # Each chunk keeps its own file, and every identity's row holds its own weights.
+    assert len({r["chunk"] for r in rows}) == 2 and len({(r["chunk"], r["row"]) for r in rows}) == 4
     stacked = np.concatenate([v.reshape(4, -1) for v in b_train], axis=1)
-    assert np.abs(stacked[0] - stacked[1]).max() > 1e-6
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert np.abs(stacked[i] - stacked[j]).max() > 1e-6, (i, j)
 
     again = subprocess.run(_cmd(workdir, tiny_model_dir), cwd=ROOT, capture_output=True, text=True)
     assert "4 identities already done, 0 to pre-optimise" in again.stdout
