@@ -154,3 +154,14 @@ def test_global_batch_rows_do_not_depend_on_device_order():
         assert out["x"].sharding.spec == P(("data", "fsdp"))
     # One process holds every device here, so it loads every row, each once.
     assert all(sorted(r.tolist()) == list(range(16)) for r in loaded)
+
+
+def test_launch_script_dry_run_builds_mesh_and_compiles(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", CONFIG="configs/hypernet.py:tiny",
+               HDB_DISTRIBUTED="0")
+    proc = subprocess.run(["bash", "launch/gpu_host.sh", str(tmp_path / "dry"), "--dry_run", "--config.mesh.fsdp=2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"mesh": {"data": 4, "fsdp": 2}' in proc.stdout and '"devices": 8' in proc.stdout
+    assert "trainable/decoder/blocks_0/cross_attn/key/kernel: P('fsdp', None, None)" in proc.stdout
+    assert not (tmp_path / "dry").exists()  # shapes only: nothing trained or written
