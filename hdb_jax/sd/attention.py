@@ -15,12 +15,17 @@ Implementations, chosen by name (see :data:`IMPLEMENTATIONS`):
   attention on GPUs that support it, XLA elsewhere).
 * ``chunked``: queries in chunks of ``chunk`` under ``lax.map``, each chunk rematerialised
   (``jax.checkpoint``) in the backward pass, so only a ``[B·heads, chunk, S]`` block is live.
-* ``flash``: chunked like ``chunked`` but with a hand-written VJP (FlashAttention's): the forward
-  keeps only the output and the row log-sum-exp; the backward recomputes each chunk's
-  probabilities once and forms ``dS = P ∘ (dP − rowsum(dO ∘ O))`` directly, which needs fewer
-  passes over the score block than autodiff through softmax.
-* ``flash_bf16``: ``flash`` with bfloat16 matmul inputs and float32 accumulation (softmax and
-  statistics stay float32). Not numerically equivalent (~1e-2 relative); an option only.
+* ``flash`` (default): chunked like ``chunked`` but with a hand-written VJP (FlashAttention's):
+  the forward keeps only the output and the row log-sum-exp; the backward recomputes each
+  chunk's probabilities once and forms ``dS = P ∘ (dP − rowsum(dO ∘ O))`` directly, which needs
+  fewer passes over the score block than autodiff through softmax. Blocks are laid out for
+  XLA:CPU's fast dot kernels (see :func:`flash_attention`). On one core of the benchmark
+  machine one 1024-token, 8-wide self-attention layer (batch 4, 4 heads) takes 47 ms forward +
+  backward, as PyTorch's SDPA flash kernel does (47 ms); ``chunked`` takes 95 ms, ``diffusers``
+  ~290 ms.
+* ``flash_bf16``: ``flash`` with bfloat16 matmul inputs and float32 softmax statistics. Not
+  numerically equivalent (~1e-2 relative); an option for accelerators only: on CPU it measured
+  25% slower than ``flash`` (the dots here are too thin for AMX to pay off).
 
 All are the same function as diffusers' (heads split from the channel axis as
 ``[..., heads, dim_head]``, scale ``dim_head ** -0.5``, softmax over keys).
@@ -79,14 +84,20 @@ def chunked_attention(q, k, v, scale: float, chunk: int = DEFAULT_CHUNK):
     c = _chunk_size(q.shape[1], chunk)
     qp, pad = _pad_to_chunks(q, c)
     one = jax.checkpoint(functools.partial(_dense, k=k, v=v, scale=scale), prevent_cse=False)
-    out = _merge(jax.lax.map(lambda qc: one(qc), _split(qp, c)))
+    out = _merge(jax.lax.map(one, _split(qp, c)))
     return out[:, : q.shape[1]] if pad else out
 
 
 def _matmul(spec: str, a, b, dtype):
+    """``einsum`` with inputs cast to ``dtype`` (None: as given) and a float32 result."""
     if dtype is None:
         return jnp.einsum(spec, a, b)
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    a, b = a.astype(dtype), b.astype(dtype)
+    if jax.default_backend() == "cpu":
+        # XLA:CPU's fallback dot (DotThunk) has no bf16 x bf16 -> f32 kernel; its YNNPACK dots
+        # accumulate in float32 and round the result.
+        return jnp.einsum(spec, a, b).astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
