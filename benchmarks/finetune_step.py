@@ -1,8 +1,68 @@
 """Adapter fine-tuning step: ours (JAX/Flax) against PyTorch diffusers + peft LoRA, on CPU.
 
-Run from the repository root: ``python benchmarks/finetune_step.py`` (see ``--help``). It prints,
-per config, compile time, our median step, PyTorch's median step and the ratio. No measurement is
-recorded here yet: runs on the shared 2-core development machine were not yet complete.
+What is timed, on identical UNet configs (``model.tiny_configs``: block_out_channels ``tiny``
+(32, 64) and ``medium`` (64, 128, 256), 4 heads, cross-attention width 32), batch 4 of 32x32
+latents, 77 random context tokens, LoRA rank 4 (alpha 4) on every attention to_q/to_k/to_v/to_out:
+
+* ours: a UNet-only variant of ``hdb_jax.train.make_train_step`` (same structure: adapters
+  attached by interception, ``value_and_grad`` w.r.t. the adapter tree only, clip + AdamW,
+  state donated, one jitted step). UNet-only because the full step also runs the VAE encoder
+  and the text encoder, which diffusers' DreamBooth LoRA script does too but which would
+  measure the VAE/CLIP rather than the adapter step; both sides here do the same work: sample
+  noise and timesteps, noise the latents (DDPM schedule), UNet forward, MSE to the noise,
+  backward, global-norm clip, AdamW.
+* torch: ``UNet2DConditionModel`` + ``unet.add_adapter(LoraConfig(r=4, lora_alpha=4,
+  init_lora_weights="gaussian", target_modules=[to_k, to_q, to_v, to_out.0]))`` as diffusers'
+  DreamBooth LoRA script does, base frozen, ``torch.optim.AdamW`` on the LoRA parameters,
+  SDPA attention (its CPU flash kernel), ``torch.set_num_threads`` = the cores JAX gets.
+
+Each core count runs in its own process (``--cores 1,2``), pinned with ``sched_setaffinity``;
+both frameworks run back to back in it, in alternating blocks, after untimed warm-up steps.
+Reported: compile time, median and min step time, CPU time per step, ours/torch.
+
+Results on the 2-core Xeon (Sapphire Rapids) dev VM, shared with other jobs (load average
+1-4 during the runs; 1-core numbers are the stable ones, 2-core ones need a quiet machine;
+torch's 2 OpenMP threads slow down up to 10x whenever another process takes a core)::
+
+  change (cumulative unless noted)        tiny 1c      medium 1c    tiny 2c      medium 2c
+                                          ms  ratio    ms   ratio   ms  ratio    ms  ratio
+  attention "diffusers" (baseline)      1104  4.16   1631  2.88    610  4.01    867  2.57
+  "chunked" (lax.map + remat), chunk 64  451  1.70    926  1.63    339  2.23    634  1.88
+  "flash" (custom VJP), chunk 64         292  1.10    762  1.35    249  1.64    541  1.60
+  "flash", chunk 128                     308  1.16    783  1.38    227  1.49    511  1.52
+  flash:64 + THP for both sides          257  1.06    647  1.20    227  1.54    481  1.49
+  default: flash:128 + THP for both      260  1.11    640  1.19    206  1.33    445  1.36
+  torch (no THP / THP)               266/235       566/538      152/155      337/327
+
+(ms: median step; ratio: ours / torch median in the same process. Rows 1-4:
+``--cores 1,2 --attention diffusers,chunked,flash:64,flash:128 --steps 8 --no-thp``; row 5:
+``--cores 1,2 --attention flash:64 --steps 8``; row 6: ``--cores 1,2``.)
+
+Inside "flash", one self-attention layer (batch 4 x 4 heads, 1024 tokens, width 8) forward +
+backward on one core: first custom-VJP version 85 ms -> no transposed-LHS dots in the backward
+(they went to Eigen, 3-5x slower than YNNPACK) 53 ms -> forward on transposed blocks too, scale
+folded into q, softmax denominator from a ones column of V 47 ms; torch SDPA 47 ms.
+
+THP: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (set by this script for both sides unless
+``--no-thp``) cuts our page faults from 28k to ~100 per step (tiny; 80k -> 600 medium).
+
+Tried and not kept: XLA flags (``xla_cpu_use_onednn``, ``..._onednn_custom_call``, YNNPACK
+fusion types off / all on, ``XNN_GRAPH_FUSION_MODE_GREEDY(_SLINKY)``, fast math, 512-bit
+vectors, concurrency-optimised scheduler: all within noise or slower); bfloat16 matmuls
+(``flash_bf16``: ~30% slower here, the dots are too thin); rematerialising the UNet
+(``--remat dots_with_no_batch_dims_saveable``: 276 -> 367 ms, ``nothing_saveable``: 467 ms,
+tiny 1 core); unrolling the chunk loops (slower); chunk 32 (slower); running heads in
+independent loops for 2-core parallelism (no gain).
+
+Not reached: ours is at 1.1-1.2x torch on one core and 1.33-1.36x on two. What remains: XLA
+runs most of the step's ops (1 M elements or fewer) on one thread, so ours uses ~1.6 of the 2
+cores where torch uses 2; the backward of every 3x3 conv re-transposes its frozen kernel each
+step (~60 ms/step profiled, medium); exact-erf GELU (``model.exact_geglu``) profiles at
+~9 ms/step (tiny) vs torch's 2.5; GroupNorm/LayerNorm run as several XLA reductions. None of
+these is attention.
+
+Run: ``python benchmarks/finetune_step.py [--cores 1,2] [--configs tiny,medium]
+[--attention flash:128,chunked] [--steps 12]``.
 """
 
 from __future__ import annotations

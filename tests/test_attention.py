@@ -83,7 +83,8 @@ def test_default_model_applies_adapters_like_merged_weights(tiny_sd, tiny_params
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, trained)
     out = predict(tiny_params["unet"], trained)
-    np.testing.assert_allclose(out, predict(adapter.merge(tiny_params["unet"], trained), zeros), atol=1e-5, rtol=0)
+    merged = adapter.merge(tiny_params["unet"], trained)
+    np.testing.assert_allclose(out, predict(merged, zeros), atol=1e-5, rtol=0)
     np.testing.assert_allclose(out, results["diffusers"][0], atol=1e-5, rtol=0)
     assert float(jnp.max(jnp.abs(out - predict(tiny_params["unet"], zeros)))) > 1e-2
 

@@ -21,11 +21,11 @@ Implementations, chosen by name (see :data:`IMPLEMENTATIONS`):
   fewer passes over the score block than autodiff through softmax. Blocks are laid out for
   XLA:CPU's fast dot kernels (see :func:`flash_attention`). On one core of the benchmark
   machine one 1024-token, 8-wide self-attention layer (batch 4, 4 heads) takes 47 ms forward +
-  backward, as PyTorch's SDPA flash kernel does (47 ms); ``chunked`` takes 95 ms, ``diffusers``
-  ~290 ms.
+  backward, as PyTorch's SDPA flash kernel does (47 ms); ``chunked`` takes 95 ms. The default
+  chunk (128) is the faster one on two cores; on one core 64 is ~5% faster.
 * ``flash_bf16``: ``flash`` with bfloat16 matmul inputs and float32 softmax statistics. Not
   numerically equivalent (~1e-2 relative); an option for accelerators only: on CPU it measured
-  25% slower than ``flash`` (the dots here are too thin for AMX to pay off).
+  ~30% slower than ``flash`` (the dots here are too thin for AMX to pay off).
 
 All are the same function as diffusers' (heads split from the channel axis as
 ``[..., heads, dim_head]``, scale ``dim_head ** -0.5``, softmax over keys).
@@ -44,7 +44,7 @@ from hdb_jax.sd import hf
 
 IMPLEMENTATIONS = ("diffusers", "xla", "chunked", "flash", "flash_bf16")
 DEFAULT_IMPLEMENTATION = "flash"
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 128
 
 
 # -------------------------------------------------------------------- chunking helpers
@@ -241,6 +241,8 @@ class AttentionInterceptor:
         return module.dropout_layer(module.proj_attn(out), deterministic=deterministic)
 
 
-def interceptor(implementation: str = DEFAULT_IMPLEMENTATION, chunk: int = DEFAULT_CHUNK) -> AttentionInterceptor:
+def interceptor(
+    implementation: str = DEFAULT_IMPLEMENTATION, chunk: int = DEFAULT_CHUNK
+) -> AttentionInterceptor:
     """The method interceptor for ``implementation`` (validated)."""
     return AttentionInterceptor(implementation, chunk)
