@@ -112,7 +112,7 @@ def _cmd(workdir, extra=()):
 
 
 def test_two_processes_match_one(tmp_path):
-    env8 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HDB_DISTRIBUTED="0")
+    env8 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HDB_DISTRIBUTED="0", PYTHON=sys.executable)
     single = subprocess.run(_cmd(tmp_path / "one"), cwd=ROOT, env=env8, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-3000:]
 
@@ -158,7 +158,7 @@ def test_global_batch_rows_do_not_depend_on_device_order():
 
 def test_launch_script_dry_run_builds_mesh_and_compiles(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", CONFIG="configs/hypernet.py:tiny",
-               HDB_DISTRIBUTED="0")
+               HDB_DISTRIBUTED="0", PYTHON=sys.executable)
     proc = subprocess.run(["bash", "launch/gpu_host.sh", str(tmp_path / "dry"), "--dry_run", "--config.mesh.fsdp=2"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
