@@ -196,24 +196,10 @@ def load_subject_data(config: ml_collections.ConfigDict, sd: model.StableDiffusi
 # -------------------------------------------------------------------- the job
 def _lidb_basis(config, adapters, key, workdir: str) -> tuple[dict, str | None]:
     """Frozen trees per component; LiDB bases are loaded from (or generated once into) a file."""
-    trees = {c: a.basis(key) for c, a in adapters.items()}
     if config.adapter.kind != "lidb":
-        return trees, None
+        return {c: a.basis(key) for c, a in adapters.items()}, None
     path = config.adapter.basis_file or os.path.join(workdir, "lidb_basis.safetensors")
-    flat_key = lambda c, p: f"{c}.{p}"  # noqa: E731 - one file holds every component
-    if os.path.exists(path):
-        stored, meta = basis_io.load_basis(path)
-        for component, adapter in adapters.items():
-            for target in adapter.targets:
-                name = flat_key(component, target.path)
-                if name not in stored:
-                    raise basis_io.BasisError(f"{path}: no basis for {component} layer '{target.path}'")
-                trees[component][target.path] = {k: jnp.asarray(v) for k, v in stored[name].items()}
-        return trees, meta["hash"]
-    flat = {flat_key(c, p): f for c, tree in trees.items() for p, f in tree.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    digest = basis_io.save_basis(path, flat, a=config.adapter.lidb.a, b=config.adapter.lidb.b)
-    return trees, digest
+    return basis_io.load_or_create(path, adapters, key, a=config.adapter.lidb.a, b=config.adapter.lidb.b)
 
 
 def train_subject(config: ml_collections.ConfigDict) -> dict:

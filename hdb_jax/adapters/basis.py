@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from safetensors import safe_open
@@ -101,3 +101,42 @@ def load_basis(filename: str | os.PathLike) -> tuple[dict, dict]:
 def describe(meta: Mapping[str, str]) -> str:
     """One line for logs."""
     return json.dumps({k: meta[k] for k in sorted(meta)})
+
+
+def load_or_create(filename: str | os.PathLike, adapters: Mapping[str, Any], key, **metadata) -> tuple[dict, str]:
+    """The LiDB bases of every component, read from ``filename`` or generated once into it.
+
+    One file holds every component, keyed ``{component}.{module_path}/{factor}``. Generating
+    uses each adapter's ``basis(key)``; an existing file wins, so every run that shares the file
+    (pre-optimisation, hypernetwork, personalisation) uses bit-identical bases.
+
+    Args:
+      filename: the basis file.
+      adapters: ``{component: Adapter}`` (LiDB kinds).
+      key: PRNG key used only when the file does not exist yet.
+      **metadata: extra fields stored when the file is created (``a``, ``b``, base model id).
+
+    Returns:
+      ``({component: {path: {"a_aux", "b_aux"}}}``, content hash).
+
+    Raises:
+      BasisError: the file exists but lacks a layer of ``adapters`` or fails its hash check.
+    """
+    import jax.numpy as jnp
+
+    filename = os.fspath(filename)
+    if os.path.exists(filename):
+        stored, meta = load_basis(filename)
+        trees = {}
+        for component, adapter in adapters.items():
+            trees[component] = {}
+            for target in adapter.targets:
+                name = f"{component}.{target.path}"
+                if name not in stored:
+                    raise BasisError(f"{filename}: no basis for {component} layer '{target.path}'")
+                trees[component][target.path] = {k: jnp.asarray(v) for k, v in stored[name].items()}
+        return trees, meta["hash"]
+    trees = {c: a.basis(key) for c, a in adapters.items()}
+    flat = {f"{c}.{p}": f for c, tree in trees.items() for p, f in tree.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(filename)), exist_ok=True)
+    return trees, save_basis(filename, flat, **metadata)

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MIN_SIZE = 64  # default smallest accepted short side, pixels
+MAX_PIXELS = 64_000_000  # default largest accepted width x height (checked before decoding)
 
 # Reasons a file is skipped, as they appear in warnings and errors.
 UNSUPPORTED = "unsupported extension"
@@ -28,6 +29,7 @@ NOT_AN_IMAGE = "not an image"
 CORRUPT = "corrupt"
 TRUNCATED = "truncated"
 TOO_SMALL = "too small"
+TOO_LARGE = "too large"
 UNREADABLE = "unreadable"
 
 
@@ -140,7 +142,7 @@ def center_square(img: Image.Image, resolution: int) -> Image.Image:
     return img
 
 
-def _decode(data: bytes, path: str, resolution: int, min_size: int) -> np.ndarray:
+def _decode(data: bytes, path: str, resolution: int, min_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decodes file bytes to uint8 [resolution, resolution, 3] or raises BadImageError."""
     if not data:
         raise BadImageError(path, CORRUPT, "empty file")
@@ -152,6 +154,8 @@ def _decode(data: bytes, path: str, resolution: int, min_size: int) -> np.ndarra
         raise BadImageError(path, CORRUPT, "unrecognised image data") from None
     except Exception as e:  # noqa: BLE001 - any header parsing failure
         raise BadImageError(path, CORRUPT, f"{type(e).__name__}: {e}") from None
+    if img.size[0] * img.size[1] > max_pixels:  # from the header: nothing decoded yet
+        raise BadImageError(path, TOO_LARGE, f"{img.size[0]}x{img.size[1]} pixels, more than {max_pixels}")
     try:
         img.load()  # decode fully: truncated or broken data fails here, not later
         img = ImageOps.exif_transpose(img)
@@ -168,7 +172,7 @@ def _decode(data: bytes, path: str, resolution: int, min_size: int) -> np.ndarra
     return np.ascontiguousarray(out)  # [resolution, resolution, 3]
 
 
-def load_image(path: str, resolution: int, *, min_size: int = MIN_SIZE) -> np.ndarray:
+def load_image(path: str, resolution: int, *, min_size: int = MIN_SIZE, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Loads one image as a square, RGB, uint8 array.
 
     Applies the EXIF orientation, converts the colour layout with :func:`to_rgb8`,
@@ -178,6 +182,7 @@ def load_image(path: str, resolution: int, *, min_size: int = MIN_SIZE) -> np.nd
       path: a .jpg, .jpeg, .png, .webp or .bmp file.
       resolution: output height and width.
       min_size: smallest accepted short side (after EXIF rotation), pixels.
+      max_pixels: largest accepted width x height, checked from the header before decoding.
 
     Returns:
       uint8 array [resolution, resolution, 3].
@@ -190,7 +195,7 @@ def load_image(path: str, resolution: int, *, min_size: int = MIN_SIZE) -> np.nd
         raise BadImageError(path, UNSUPPORTED, f"expected one of {', '.join(IMAGE_EXTENSIONS)}")
     with open(path, "rb") as f:
         data = f.read()
-    return _decode(data, path, resolution, min_size)
+    return _decode(data, path, resolution, min_size, max_pixels)
 
 
 def _list_files(directory: str, recursive: bool) -> list:

@@ -44,6 +44,7 @@ for _library_logging in (_diffusers_logging, _transformers_logging):
         _handler.addFilter(_FILTER)
 
 # pylint: disable=wrong-import-position
+from diffusers import __version__ as DIFFUSERS_VERSION  # noqa: E402
 from diffusers import (  # noqa: E402
     FlaxAutoencoderKL,
     FlaxDDIMScheduler,
@@ -90,6 +91,7 @@ diffusers_rename_and_reshape = _diffusers_pt_utils.rename_key_and_reshape_tensor
 transformers_rename_and_reshape = _transformers_pt_utils.rename_key_and_reshape_tensor
 
 __all__ = [
+    "DIFFUSERS_VERSION",
     "bytes_to_unicode",
     "CLIPTextConfig",
     "CLIPTokenizer",

@@ -266,3 +266,44 @@ def load_pretrained(
         tree = _load_component(_subfolder(root, component), component, abstract[component], variant)
         params[component] = jax.tree_util.tree_map(lambda x: jnp.asarray(x, param_dtype), tree)
     return sd, params
+
+
+def save_pretrained(
+    directory: str | os.PathLike, sd: StableDiffusion, params: Mapping[str, Any], *, dtype=jnp.float32
+) -> Path:
+    """Writes a diffusers-format directory (Flax msgpack weights) that :func:`load_pretrained` reads.
+
+    The layout is diffusers' own for Flax weights: ``model_index.json``, ``unet/`` and ``vae/``
+    with ``config.json`` + ``diffusion_flax_model.msgpack``, ``text_encoder/`` with
+    ``config.json`` + ``flax_model.msgpack``, ``tokenizer/`` and ``scheduler/``.
+
+    Args:
+      directory: the output directory (created; existing files are replaced).
+      sd: the model bundle (configs and tokenizer are written from it).
+      params: ``{"unet", "vae", "text_encoder"}`` parameter trees.
+      dtype: dtype the weights are stored in (e.g. ``jnp.float16`` to halve the size; the
+        loader casts back to its ``param_dtype``).
+
+    Returns:
+      The directory.
+    """
+    root = Path(directory)
+    if sd.tokenizer is None:
+        raise ValueError(f"{sd.name}: a model without a tokenizer cannot be saved in diffusers format")
+    weight_names = {c: stems[1] for c, stems in _WEIGHT_STEMS.items()}
+    for component in COMPONENTS:
+        folder = root / component
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / _CONFIG_FILES[component]).write_text(json.dumps(sd.configs[component], indent=2, sort_keys=True))
+        tree = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), params[component])
+        (folder / weight_names[component]).write_bytes(serialization.msgpack_serialize(tree))
+    (root / "scheduler").mkdir(parents=True, exist_ok=True)
+    (root / "scheduler" / _CONFIG_FILES["scheduler"]).write_text(json.dumps(sd.configs["scheduler"], indent=2, sort_keys=True))
+    sd.tokenizer.save_pretrained(os.fspath(root / "tokenizer"))
+    index = {"_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": hf.DIFFUSERS_VERSION}
+    index.update({name: ["diffusers" if name in ("unet", "vae") else "transformers", cls]
+                  for name, cls in (("unet", "FlaxUNet2DConditionModel"), ("vae", "FlaxAutoencoderKL"),
+                                    ("text_encoder", "FlaxCLIPTextModel"), ("tokenizer", "CLIPTokenizer"))})
+    index["scheduler"] = ["diffusers", "FlaxDDPMScheduler"]
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root
