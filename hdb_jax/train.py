@@ -16,6 +16,9 @@ JOBS: dict[str, str] = {
     "subject": "hdb_jax.subject:run",
     "preopt": "hdb_jax.preopt:run",
     "hypernet": "hdb_jax.hypernet.train:run",
+    "base_toy": "hdb_jax.toy.base:run",
+    "identity": "hdb_jax.toy.identity:train",
+    "demo": "hdb_jax.demo:run",
 }
 
 
