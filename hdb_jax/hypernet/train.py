@@ -29,6 +29,7 @@ import optax
 
 from hdb_jax import adapters as A
 from hdb_jax import checkpoint, diffusion, metrics, sharding
+from hdb_jax.hypernet import bundle
 from hdb_jax.hypernet import decoder as dec
 from hdb_jax.hypernet import encoder as enc
 from hdb_jax.hypernet.model import HyperNetwork, abstract_params, build_hypernet, split_params
@@ -283,6 +284,14 @@ def _train(config, sd, net, adapters, mesh, compiled, state_sh, frozen, frozen_s
         writer.close()
         ckpt.close()
     result = {"state": state, "history": history, "summary": summary, "workdir": workdir, "basis_hash": basis_hash}
+    if s >= config.steps:
+        params = {**jax.device_get(frozen["hyper"]), **jax.device_get(state["trainable"])}
+        result["bundle"] = os.path.join(workdir, "hypernet")
+        if jax.process_index() == 0:
+            bundle.save(result["bundle"], net, params, patterns={"unet": config.adapter.unet_patterns, "text_encoder": config.adapter.text_patterns},
+                        arch=config.hypernet.to_dict(), base_fingerprint=model.params_fingerprint(jax.device_get(frozen["sd"])),
+                        basis_file=config.adapter.basis_file or os.path.join(workdir, "lidb_basis.safetensors"), basis_hash=basis_hash,
+                        extra={"steps": s, "final_loss": history[max(history)]["loss"] if history else None})
     if config.data.heldout:
         result["heldout"] = heldout_losses(config, sd, net, adapters, state, frozen)
         if jax.process_index() == 0:

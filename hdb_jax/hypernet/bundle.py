@@ -1,0 +1,169 @@
+"""A trained hypernetwork as one self-contained directory, for personalisation.
+
+``save`` writes, at the end of hypernetwork training:
+
+* ``hypernet.safetensors``: every parameter (encoder and decoder), keys ``/``-joined paths, with
+  metadata ``format`` and ``meta`` (JSON): the architecture (encoder name, iterations, decoder
+  mode/width/blocks/heads), the LiDB hyperparameters and target patterns, the token layout (one
+  ``component/module_path`` per token), the base model's fingerprint and the LiDB basis hash;
+* ``lidb_basis.safetensors``: the frozen LiDB bases the predictions are expressed in.
+
+``load`` rebuilds the adapters on a base model's *abstract* parameters and checks the layout,
+base model and basis before any weights are read, so a bundle for another adapter layout or
+base model fails at once with both sides named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from hdb_jax.adapters import basis as basis_io
+from hdb_jax.adapters.core import Adapter
+from hdb_jax.adapters.kinds import LiDB
+from hdb_jax.hypernet import decoder as dec
+from hdb_jax.hypernet.model import HyperNetwork, abstract_params, build_hypernet
+
+FORMAT = "hdb_jax.hypernet"
+WEIGHTS, BASIS = "hypernet.safetensors", "lidb_basis.safetensors"
+ARCH_FIELDS = ("encoder", "iterations", "mode", "num_blocks", "num_heads", "width", "train_encoder")
+
+
+class BundleError(ValueError):
+    """A hypernetwork bundle is missing, corrupt, or made for another base model or layout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """A loaded hypernetwork: module, parameters and the LiDB adapters its tokens mean."""
+
+    net: HyperNetwork
+    params: dict
+    adapters: dict[str, Adapter]
+    basis: dict
+    basis_hash: str
+    meta: dict
+
+
+def _layout(adapters: Mapping[str, Adapter]) -> list[str]:
+    return [f"{c}/{p}" for c, p in dec.token_layout(adapters)]
+
+
+def save(directory: str | os.PathLike, net: HyperNetwork, params: Mapping[str, Any], *, patterns: Mapping[str, Any],
+         arch: Mapping[str, Any], base_fingerprint: str, basis_file: str | os.PathLike, basis_hash: str,
+         extra: Mapping[str, Any] | None = None) -> Path:
+    """Writes the bundle directory.
+
+    Args:
+      directory: output directory (created).
+      net: the hypernetwork module.
+      params: ``{"encoder", "decoder"}`` parameters.
+      patterns: ``{component: [regex, ...]}`` the adapters were built from.
+      arch: the hypernetwork hyperparameters (:data:`ARCH_FIELDS`).
+      base_fingerprint: ``params_fingerprint`` of the base model it was trained on.
+      basis_file: the LiDB basis file used in training (copied into the bundle).
+      basis_hash: its content hash.
+      extra: JSON-able extras (training steps, losses).
+
+    Returns:
+      The directory.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = net.kind
+    meta = {"arch": {k: arch[k] for k in ARCH_FIELDS}, "lidb": dataclasses.asdict(kind),
+            "patterns": {c: list(p) for c, p in patterns.items() if p}, "layout": _layout(net.adapters),
+            "base_fingerprint": base_fingerprint, "basis_hash": basis_hash, "extra": dict(extra or {})}
+    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file(flat, os.fspath(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta, default=str)})
+    os.replace(tmp, out / WEIGHTS)
+    if Path(basis_file).resolve() != (out / BASIS).resolve():
+        shutil.copyfile(basis_file, out / BASIS)
+    return out
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    """The bundle's metadata, without reading any weights."""
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise BundleError(f"{directory}: no hypernetwork weights '{WEIGHTS}' (expected a directory written at the end "
+                          "of hypernetwork training, e.g. <workdir>/hypernet)")
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as handle:
+            header = dict(handle.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types
+        raise BundleError(f"{path}: not a readable safetensors file ({err})") from err
+    if header.get("format") != FORMAT:
+        raise BundleError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+    return json.loads(header["meta"])
+
+
+def load(directory: str | os.PathLike, abstract_sd: Mapping[str, Any], *, base_fingerprint: str | None = None) -> Bundle:
+    """Loads a bundle for a base model given by its abstract (or real) parameters.
+
+    Args:
+      directory: the bundle directory.
+      abstract_sd: ``{"unet", "text_encoder", ...}`` parameter shapes of the base model.
+      base_fingerprint: the base model's fingerprint; checked against the bundle's when given.
+
+    Returns:
+      The :class:`Bundle`.
+
+    Raises:
+      BundleError: missing or corrupt files, another base model, another adapter layout, or a
+        basis that does not match the recorded hash.
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    if base_fingerprint is not None and meta["base_fingerprint"] != base_fingerprint:
+        raise BundleError(f"{directory}: trained on base model {meta['base_fingerprint']}, but the loaded base model is "
+                          f"{base_fingerprint}; use the base model the hypernetwork was trained with")
+    kind = LiDB(**meta["lidb"])
+    try:
+        adapters = {c: Adapter.create(kind, abstract_sd[c], p, c) for c, p in sorted(meta["patterns"].items())}
+    except Exception as err:  # TargetError, KeyError, shape errors
+        raise BundleError(f"{directory}: its adapter patterns {meta['patterns']} do not fit this base model ({err})") from err
+    layout = _layout(adapters)
+    if layout != meta["layout"]:
+        diff = next((i for i, (a, b) in enumerate(zip(layout, meta["layout"])) if a != b), min(len(layout), len(meta["layout"])))
+        raise BundleError(f"{directory}: the hypernetwork predicts {len(meta['layout'])} weight tokens but this base model has "
+                          f"{len(layout)} adapted layers (first difference at token {diff}: bundle "
+                          f"{meta['layout'][diff] if diff < len(meta['layout']) else None!r} vs model "
+                          f"{layout[diff] if diff < len(layout) else None!r}); another adapter layout")
+    if not (directory / BASIS).is_file():
+        raise BundleError(f"{directory}: missing the LiDB basis file '{BASIS}'")
+    try:
+        basis, found_hash = basis_io.load_or_create(directory / BASIS, adapters, key=None)
+    except basis_io.BasisError as err:
+        raise BundleError(str(err)) from err
+    if found_hash != meta["basis_hash"]:
+        raise BundleError(f"{directory}/{BASIS}: basis hash {found_hash}, but the hypernetwork was trained with {meta['basis_hash']}")
+    wrong = [f"{c}/{t.path}" for c, a in adapters.items() for t in a.targets
+             if basis[c][t.path]["a_aux"].shape != (t.in_dim, kind.a) or basis[c][t.path]["b_aux"].shape != (kind.b, t.out_dim)]
+    if wrong:
+        raise BundleError(f"{directory}/{BASIS}: bases do not fit this base model's layers (e.g. {wrong[:3]}); another base model")
+    arch = meta["arch"]
+    net, _ = build_hypernet(arch["encoder"], adapters, kind, iterations=arch["iterations"], mode=arch["mode"],
+                            width=arch["width"] or None, num_blocks=arch["num_blocks"], num_heads=arch["num_heads"],
+                            train_encoder=arch["train_encoder"])
+    expected = traverse_util.flatten_dict(abstract_params(net))
+    with safe_open(os.fspath(directory / WEIGHTS), framework="numpy") as handle:
+        stored = {tuple(k.split("/")): handle.get_tensor(k) for k in handle.keys()}
+    bad = sorted("/".join(k) for k in set(expected) ^ set(stored))
+    bad += sorted("/".join(k) for k in expected if k in stored and stored[k].shape != expected[k].shape)
+    if bad:
+        raise BundleError(f"{directory / WEIGHTS}: parameters do not fit the recorded architecture (e.g. {bad[:3]})")
+    params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in stored.items()})
+    return Bundle(net, params, adapters, basis, found_hash, meta)
