@@ -1,0 +1,64 @@
+"""Train the toy world's base model: a small SD-family text-to-image model on synthetic faces.
+
+Run (writes hdb_jax/toy/weights/base/ with its model card and sample grid):
+  python -m hdb_jax.train --config configs/base_toy.py
+  python -m hdb_jax.train --config configs/base_toy.py:reduced --config.workdir=/tmp/toy --config.out_dir=
+Knobs after ':': ``reduced`` (a few steps of a smaller run, for tests). Rerunning the same command
+resumes from the latest checkpoint in ``workdir``.
+"""
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from subject import parse_knobs  # noqa: E402
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    knobs = parse_knobs(arg, {"reduced"})
+    reduced = "reduced" in knobs
+    c = ml_collections.ConfigDict()
+    c.job = "base_toy"
+    c.seed = 0
+    c.workdir = "runs/base_toy"
+    c.out_dir = "hdb_jax/toy/weights/base"  # where the trained model is written; empty: nowhere
+    c.export_dtype = "float16"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.resolution = 32
+    c.model.unet_channels = (32, 64) if reduced else (32, 64, 128)
+    c.model.vae_channels = (32, 64)
+    c.model.text_width = 32
+    c.model.text_layers = 2
+
+    c.data = ml_collections.ConfigDict()
+    c.data.identities = 64 if reduced else 2000  # ids 0 .. identities-1
+    c.data.images_per_identity = 2 if reduced else 4
+    c.data.styles = ("photo", "photo", "cartoon", "sketch")  # by render index: half photos
+    c.data.caption_drop = 0.3  # each caption modifier is dropped with this probability
+    c.data.uncond_prob = 0.1  # empty captions, for classifier-free guidance
+    c.data.seed = 0
+    c.data.heldout_start = 5_000_000  # identities no toy-world model trains on
+    c.data.heldout_identities = 8 if reduced else 64
+
+    c.vae_steps = 6 if reduced else 600
+    c.unet_steps = 10 if reduced else 2400
+    c.batch_size = 8 if reduced else 32
+    c.kl_weight = 1e-4
+    c.latent_std_target = 1.0
+    c.ema_decay = 0.0 if reduced else 0.995
+    c.optim_vae = ml_collections.ConfigDict(dict(learning_rate=2e-3, warmup_steps=2 if reduced else 50, final_lr_fraction=0.1,
+                                                 weight_decay=0.0, grad_clip=1.0))
+    c.optim_unet = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=2 if reduced else 100, final_lr_fraction=0.05,
+                                                  weight_decay=1e-2, grad_clip=1.0))
+    c.stop_after = 0  # >0: save and stop after this many steps in one invocation (time-sliced jobs)
+    c.log_every = 2 if reduced else 25
+    c.checkpoint_every = 5 if reduced else 300
+
+    c.grid_seeds = 6
+    c.sample_steps = 25
+    c.guidance_scale = 3.0
+    return c

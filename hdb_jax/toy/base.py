@@ -1,0 +1,358 @@
+"""The toy base model: a small SD-family text-to-image model trained from scratch on synthetic faces.
+
+The job behind ``python -m hdb_jax.train --config configs/base_toy.py``. Two phases share one
+step counter, one Orbax checkpoint and one progress bar:
+
+1. ``vae_steps`` steps train the VAE as an autoencoder (L1 + L2 reconstruction + a small KL
+   term). At the switch the latent scale is measured and stored as the VAE's
+   ``scaling_factor`` (so scaled latents have unit variance, as SD's 0.18215 does for its VAE);
+2. ``unet_steps`` steps train the UNet and the text encoder with the denoising loss on the frozen
+   VAE's latents, keeping an exponential moving average (EMA) of their weights.
+
+Captions come from the generator's attributes (style, accessories, background colour); each part
+is dropped at random and a fraction of captions is empty, so short prompts such as "a face" and
+classifier-free guidance both work. Batches are a pure function of ``(seed, step)``; a killed run
+resumes from its latest checkpoint by rerunning the same command. At the end the EMA weights are
+written as a diffusers-format directory with a sample grid and a model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from hdb_jax import checkpoint, diffusion, metrics
+from hdb_jax.data import synthetic
+from hdb_jax.sd import loading, model
+
+# Rows of the model card's sample grid: prompts whose modifiers should visibly change the image.
+GRID_PROMPTS = (
+    "a face",
+    "a photo of a face on a red background",
+    "a photo of a face on a blue background",
+    "a photo of a face with glasses",
+    "a photo of a face wearing a hat",
+    "a cartoon of a face",
+    "a sketch of a face",
+)
+
+
+# -------------------------------------------------------------------- model and data
+def build_model(config: ml_collections.ConfigDict, scaling_factor: float | None = None) -> model.StableDiffusion:
+    """The toy architecture of ``config.model``; ``scaling_factor`` overrides the VAE's."""
+    m = config.model
+    sd = model.tiny(resolution=m.resolution, unet_channels=tuple(m.unet_channels), vae_channels=tuple(m.vae_channels),
+                    text_width=m.text_width, text_layers=m.text_layers)
+    if scaling_factor is None:
+        return sd
+    configs = {k: dict(v) for k, v in sd.configs.items()}
+    configs["vae"]["scaling_factor"] = float(scaling_factor)
+    return model.StableDiffusion.from_configs(configs, sd.tokenizer, name="toy")
+
+
+def toy_caption(ident: synthetic.FaceIdentity, var: synthetic.Variation, rng: np.random.Generator, drop: float) -> str:
+    """A caption of the image with each modifier (style, accessories, background) kept w.p. 1 - drop."""
+    keep = lambda: rng.random() >= drop  # noqa: E731
+    words = [f"{'an' if var.style[0] in 'aeiou' else 'a'} {var.style} of a face" if keep() else "a face"]
+    extras = [w for w, has in (("glasses", ident.glasses), ("earrings", ident.earrings)) if has and keep()]
+    if extras:
+        words.append("with " + " and ".join(extras))
+    if ident.hat and keep():
+        words.append("wearing a hat")
+    if var.style != "sketch" and keep():
+        words.append(f"on {'an' if var.background[0] in 'aeiou' else 'a'} {var.background} background")
+    return " ".join(words)
+
+
+@dataclasses.dataclass
+class FaceData:
+    """Pre-rendered synthetic faces; batches are a pure function of ``(seed, step)``."""
+
+    images: np.ndarray               # uint8 [N, H, W, 3]
+    faces: list[tuple[synthetic.FaceIdentity, synthetic.Variation]]
+    seed: int
+    caption_drop: float
+    uncond_prob: float
+
+    @classmethod
+    def render(cls, identities, images_per_identity: int, resolution: int, styles, seed: int, **kw) -> "FaceData":
+        faces, images = [], []
+        for ident_id in identities:
+            ident = synthetic.identity(int(ident_id), seed)
+            for index in range(images_per_identity):
+                var = synthetic.variation(int(ident_id), index, seed, style=styles[index % len(styles)])
+                faces.append((ident, var))
+                images.append(synthetic.render_face(ident, var, resolution))
+        return cls(np.stack(images), faces, seed, **kw)
+
+    def batch(self, step: int, batch_size: int, tokenize) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 11, step])
+        rows = rng.integers(0, len(self.images), batch_size)
+        captions = ["" if rng.random() < self.uncond_prob else toy_caption(*self.faces[r], rng, self.caption_drop)
+                    for r in rows]
+        return {"images": self.images[rows].astype(np.float32) / 127.5 - 1.0,
+                "input_ids": np.asarray(tokenize(captions), np.int32)}
+
+
+# -------------------------------------------------------------------- losses and steps
+def vae_loss(sd: model.StableDiffusion, vae_params, images: jax.Array, key: jax.Array, kl_weight: float):
+    """L1 + L2 reconstruction of NHWC images in [-1, 1] plus ``kl_weight`` · KL to N(0, I)."""
+    pixels = jnp.transpose(images, (0, 3, 1, 2))
+    dist = sd.vae.apply({"params": vae_params}, pixels, method=sd.vae.encode).latent_dist
+    z = dist.sample(key)  # [B, h, w, C]
+    recon = sd.vae.apply({"params": vae_params}, z, method=sd.vae.decode).sample  # [B, 3, H, W]
+    err = recon - pixels
+    kl = 0.5 * jnp.mean(jnp.square(dist.mean) + dist.var - 1.0 - dist.logvar)
+    recon_loss = jnp.mean(jnp.abs(err)) + jnp.mean(jnp.square(err))
+    return recon_loss + kl_weight * kl, {"recon": jnp.mean(jnp.square(err)), "kl": kl}
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
+    """AdamW with clipping, linear warmup and cosine decay to ``final_lr_fraction``."""
+    lr = optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps, max(steps, optim.warmup_steps + 1),
+                                            end_value=optim.learning_rate * optim.final_lr_fraction)
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), optax.adamw(lr, weight_decay=optim.weight_decay))
+
+
+def make_vae_step(sd: model.StableDiffusion, optimizer, kl_weight: float):
+    """Jitted ``step(state, images, rng) -> (state, metrics)`` over ``state["vae"]``; donated."""
+
+    def step(state, images, rng):
+        key = jax.random.fold_in(rng, state["step"])
+        (loss, aux), grads = jax.value_and_grad(vae_loss, argnums=1, has_aux=True)(sd, state["vae"], images, key, kl_weight)
+        updates, opt = optimizer.update(grads, state["vae_opt"], state["vae"])
+        new = {**state, "step": state["step"] + 1, "vae": optax.apply_updates(state["vae"], updates), "vae_opt": opt}
+        return new, {"loss": loss, **aux}
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_unet_step(sd: model.StableDiffusion, optimizer, ema_decay: float):
+    """Jitted ``step(state, batch, rng) -> (state, metrics)`` over UNet + text encoder; donated."""
+    sched = sd.noise_scheduler.create_state()
+
+    def loss_fn(trainable, vae, batch, key):
+        return diffusion.denoising_loss(sd, sched, {**trainable, "vae": vae}, batch["images"], batch["input_ids"], key)
+
+    def step(state, batch, rng):
+        key = jax.random.fold_in(rng, state["step"])
+        loss, grads = jax.value_and_grad(loss_fn)(state["denoiser"], state["vae"], batch, key)
+        updates, opt = optimizer.update(grads, state["denoiser_opt"], state["denoiser"])
+        denoiser = optax.apply_updates(state["denoiser"], updates)
+        ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], denoiser)
+        new = {**state, "step": state["step"] + 1, "denoiser": denoiser, "denoiser_opt": opt, "ema": ema}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def heldout_loss(sd: model.StableDiffusion, params: Mapping[str, Any], images: np.ndarray, input_ids: np.ndarray,
+                 seed: int, num_keys: int = 8) -> float:
+    """Denoising loss on fixed held-out images, averaged over ``num_keys`` fixed noise draws."""
+    sched = sd.noise_scheduler.create_state()
+
+    @jax.jit
+    def evaluate(params, images, ids, rng):
+        one = lambda k: diffusion.denoising_loss(sd, sched, params, images, ids, k)  # noqa: E731
+        return jnp.mean(jax.lax.map(one, jax.random.split(rng, num_keys)))
+
+    return float(evaluate(params, jnp.asarray(images), jnp.asarray(input_ids), jax.random.PRNGKey(seed)))
+
+
+# -------------------------------------------------------------------- the job
+def _latent_scale(sd: model.StableDiffusion, vae_params, images: np.ndarray) -> float:
+    pixels = jnp.transpose(jnp.asarray(images.astype(np.float32) / 127.5 - 1.0), (0, 3, 1, 2))
+    mean = sd.vae.apply({"params": vae_params}, pixels, method=sd.vae.encode).latent_dist.mean
+    return float(1.0 / jnp.std(mean))
+
+
+def _init_state(sd, key, vae_opt, unet_opt) -> dict:
+    params = sd.random_params(key)
+    denoiser = {"unet": params["unet"], "text_encoder": params["text_encoder"]}
+    return {"step": jnp.zeros((), jnp.int32), "vae": params["vae"], "vae_opt": vae_opt.init(params["vae"]),
+            "denoiser": denoiser, "denoiser_opt": unet_opt.init(denoiser), "ema": jax.tree_util.tree_map(jnp.copy, denoiser),
+            "scaling_factor": jnp.asarray(sd.scaling_factor, jnp.float32)}
+
+
+def train(config: ml_collections.ConfigDict) -> dict:
+    """Trains (or resumes) the toy base model; returns losses, timings and the final state."""
+    c = config
+    total = c.vae_steps + c.unet_steps
+    sd = build_model(c)
+    vae_opt, unet_opt = make_optimizer(c.optim_vae, c.vae_steps), make_optimizer(c.optim_unet, c.unet_steps)
+    k_init, k_train = jax.random.split(jax.random.PRNGKey(c.seed))
+    t0 = time.perf_counter()
+    data = FaceData.render(range(c.data.identities), c.data.images_per_identity, c.model.resolution, tuple(c.data.styles),
+                           c.data.seed, caption_drop=c.data.caption_drop, uncond_prob=c.data.uncond_prob)
+    render_s = time.perf_counter() - t0
+
+    workdir = Path(c.workdir).absolute()
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=c.checkpoint_every)
+    state = _init_state(sd, k_init, vae_opt, unet_opt)
+    start = 0
+    if ckpt.latest_step is not None:
+        start, state = ckpt.restore(state)
+        print(f"resumed from {ckpt.directory} at step {start}")
+    if start >= c.vae_steps:
+        sd = build_model(c, float(state["scaling_factor"]))
+    vae_step = make_vae_step(sd, vae_opt, c.kl_weight)
+    unet_step = None
+    writer = metrics.EventWriter(workdir / "tb")
+    bar = metrics.progress(total, initial=start, desc="toy base")
+    history: dict[str, dict[int, float]] = {"vae": {}, "unet": {}}
+    s, t_train = start, time.perf_counter()
+    try:
+        while s < total:
+            phase = "vae" if s < c.vae_steps else "unet"
+            if phase == "unet" and unet_step is None:
+                if s == c.vae_steps:  # the switch: measure the latent scale once, keep it in the state
+                    state["scaling_factor"] = jnp.asarray(c.latent_std_target * _latent_scale(sd, state["vae"], data.images[:256]), jnp.float32)
+                sd = build_model(c, float(state["scaling_factor"]))
+                unet_step = make_unet_step(sd, unet_opt, c.ema_decay)
+            batch = data.batch(s, c.batch_size, sd.tokenize)
+            if phase == "vae":
+                state, out = vae_step(state, batch["images"], k_train)
+            else:
+                state, out = unet_step(state, batch, k_train)
+            s += 1
+            bar.update(1)
+            due = ckpt.due(s, total)
+            if s % c.log_every == 0 or due:
+                host = {k: float(v) for k, v in jax.device_get(out).items()}
+                if not np.isfinite(host["loss"]):
+                    raise FloatingPointError(f"{phase} loss {host['loss']} at step {s}; last checkpoint: {ckpt.latest_step}")
+                history[phase][s] = host["loss"]
+                writer.scalars(s, {f"{phase}/{k}": v for k, v in host.items()})
+                bar.set_postfix(phase=phase, loss=f"{host['loss']:.4f}")
+            stop = ckpt.should_stop(s) or (c.stop_after > 0 and s - start >= c.stop_after)
+            if due or stop:
+                ckpt.save(s, state, c.to_dict())
+            if stop and s < total:
+                print(f"\nstopped at step {s} (checkpoint saved); rerun the same command to resume")
+                break
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    result = {"state": state, "history": history, "steps_run": s - start, "step": s, "render_s": render_s,
+              "train_s": time.perf_counter() - t_train, "sd": sd, "workdir": os.fspath(workdir)}
+    if s >= total:
+        result.update(finish(c, sd, state, result))
+    return result
+
+
+def final_params(state: Mapping[str, Any]) -> dict:
+    """The shipped parameters: the trained VAE and the EMA of UNet and text encoder."""
+    return {"vae": state["vae"], **state["ema"]}
+
+
+def heldout_set(config: ml_collections.ConfigDict, sd: model.StableDiffusion) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out identities' images and their full captions (fixed by the config's seed)."""
+    d = config.data
+    data = FaceData.render(range(d.heldout_start, d.heldout_start + d.heldout_identities), 1, config.model.resolution,
+                           tuple(d.styles), d.seed, caption_drop=0.0, uncond_prob=0.0)
+    captions = [toy_caption(i, v, np.random.default_rng(0), 0.0) for i, v in data.faces]
+    return data.images, np.asarray(sd.tokenize(captions), np.int32)
+
+
+def finish(config: ml_collections.ConfigDict, sd: model.StableDiffusion, state, result: Mapping[str, Any]) -> dict:
+    """Held-out loss, export of the EMA model, sample grid and model card (process 0 writes)."""
+    from hdb_jax import sample
+
+    params = final_params(jax.device_get(state))
+    images, ids = heldout_set(config, sd)
+    heldout = heldout_loss(sd, params, images, ids, config.seed + 1)
+    info = {"heldout_loss": heldout, "vae_final_loss": _last(result["history"]["vae"]),
+            "unet_final_loss": _last(result["history"]["unet"]), "scaling_factor": float(state["scaling_factor"]),
+            "train_s": round(result["train_s"], 1), "steps_run": result["steps_run"]}
+    print("toy base model: " + json.dumps(info))
+    if jax.process_index() != 0 or not config.out_dir:
+        return info
+    out = Path(config.out_dir)
+    dtype = jnp.float16 if config.export_dtype == "float16" else jnp.float32
+    loading.save_pretrained(out, sd, params, dtype=dtype)
+    seeds = list(range(config.grid_seeds))
+    prompts = [p for p in GRID_PROMPTS for _ in seeds]
+    grid = sample.sample(sd, params, prompts, seeds * len(GRID_PROMPTS), num_steps=config.sample_steps,
+                         guidance_scale=config.guidance_scale, batch_size=len(seeds), progress=False)
+    sample.save_grid(grid, out / "samples.png", cols=len(seeds))
+    recon = np.asarray(sample.to_uint8(sd.decode_latents(params["vae"], sd.encode_images(params["vae"], jnp.asarray(images[:8] / 127.5 - 1.0)))))
+    info["vae_heldout_psnr"] = round(_psnr(images[:8], recon), 2)
+    (out / "training.json").write_text(json.dumps({**info, "history": result["history"], "config": config.to_dict()}, indent=1, default=str))
+    (out / "MODEL_CARD.md").write_text(model_card(config, info))
+    return {**info, "out_dir": os.fspath(out)}
+
+
+def _last(history: Mapping[int, float]) -> float | None:
+    return history[max(history)] if history else None
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean(np.square(a.astype(np.float64) - b.astype(np.float64)))
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
+def model_card(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> str:
+    """The shipped model's card: recipe, measured numbers and the command that reproduces it."""
+    m, d = config.model, config.data
+    lines = [
+        "# Toy base model (synthetic faces, 32 px)",
+        "",
+        "A small Stable-Diffusion-family text-to-image model (VAE, UNet with cross-attention, CLIP text",
+        "encoder, DDPM noise schedule of SD 1.5) trained from scratch on the procedural faces of",
+        "`hdb_jax.data.synthetic`. It stands in for SD 1.5 where no pretrained weights can be had, so that",
+        "personalisation can be measured: it is not a general image model.",
+        "",
+        "Load it like any diffusers-format model: `hdb_jax.sd.loading.load_pretrained(hdb_jax.toy.base_model_dir())`.",
+        "",
+        "## Recipe",
+        f"- Architecture: UNet channels {list(m.unet_channels)}, VAE channels {list(m.vae_channels)} (latents "
+        f"{m.resolution // 2 ** (len(m.vae_channels) - 1)}x{m.resolution // 2 ** (len(m.vae_channels) - 1)}x4), text encoder width "
+        f"{m.text_width} x {m.text_layers} layers, our own BPE vocabulary.",
+        f"- Data: {d.identities} identities x {d.images_per_identity} renders at {m.resolution} px, styles {list(d.styles)}; "
+        f"captions from the generator's attributes, each modifier dropped w.p. {d.caption_drop}, empty caption w.p. {d.uncond_prob}.",
+        f"- Phase 1: VAE autoencoder, {config.vae_steps} steps, batch {config.batch_size}, AdamW lr {config.optim_vae.learning_rate}, "
+        f"L1 + L2 + {config.kl_weight} x KL.",
+        f"- Phase 2: UNet + text encoder, {config.unet_steps} steps, batch {config.batch_size}, AdamW lr "
+        f"{config.optim_unet.learning_rate} (warmup {config.optim_unet.warmup_steps}, cosine), EMA {config.ema_decay}; "
+        "epsilon prediction.",
+        f"- Seed {config.seed}. Weights stored as {config.export_dtype}.",
+        "",
+        "## Measured",
+        f"- Training time: {info['train_s']} s for {info['steps_run']} steps on 2 CPU cores (this run).",
+        f"- Final training loss: VAE {info['vae_final_loss']:.4f}, denoiser {info['unet_final_loss']:.4f} (last logged step).",
+        f"- Held-out denoising loss ({d.heldout_identities} unseen identities, full captions, 8 noise draws): "
+        f"{info['heldout_loss']:.4f}.",
+        f"- VAE reconstruction PSNR on held-out faces: {info.get('vae_heldout_psnr', 'n/a')} dB; latent scaling factor "
+        f"{info['scaling_factor']:.4f}.",
+        "",
+        "## Samples",
+        f"`samples.png`: rows are the prompts below, columns seeds 0-{config.grid_seeds - 1} (DDIM {config.sample_steps} steps, "
+        f"guidance {config.guidance_scale}).",
+        "",
+        *[f"{i + 1}. \"{p}\"" for i, p in enumerate(GRID_PROMPTS)],
+        "",
+        "## Reproduce",
+        "```",
+        "python -m hdb_jax.train --config configs/base_toy.py",
+        "```",
+        "The run is deterministic given its seed on the same software and hardware; rerunning the command",
+        "after an interruption resumes from the latest checkpoint in `runs/base_toy/`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """``python -m hdb_jax.train`` entry point (``config.job = "base_toy"``)."""
+    return train(config)

@@ -1,0 +1,118 @@
+"""The toy world's base model: its recipe trains and resumes; the shipped model draws faces on demand."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hdb_jax import sample
+from hdb_jax.data import synthetic
+from hdb_jax.sd import loading
+from hdb_jax.toy import base, base_model_dir
+from hdb_jax.toy import identity as identity_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+import base_toy  # noqa: E402  (configs/base_toy.py)
+
+SEEDS = list(range(8))
+PROMPTS = {
+    "face": "a face",
+    "red": "a photo of a face on a red background",
+    "blue": "a photo of a face on a blue background",
+    "sketch": "a sketch of a face",
+    "photo": "a photo of a face",
+}
+
+
+def test_recipe_lowers_its_loss_and_resumes(tmp_path):
+    config = base_toy.get_config("reduced")
+    config.workdir = os.fspath(tmp_path / "run")
+    config.out_dir = ""
+    config.stop_after = 8  # the first invocation stops (with a checkpoint) after 8 of 16 steps
+    first = base.train(config)
+    assert first["step"] == 8 and "heldout_loss" not in first  # unfinished: nothing exported
+    config.stop_after = 0
+    second = base.train(config)  # the same command again: resumes from step 8
+    assert second["steps_run"] == config.vae_steps + config.unet_steps - 8
+    vae, unet1, unet2 = first["history"]["vae"], first["history"]["unet"], second["history"]["unet"]
+    assert vae[max(vae)] < 0.8 * vae[min(vae)]  # the autoencoder phase learns
+    assert unet2[max(unet2)] < 0.9 * unet1[min(unet1)]  # the denoiser keeps learning after the resume
+    assert np.isfinite(second["heldout_loss"])
+    assert float(second["state"]["scaling_factor"]) == float(first["state"]["scaling_factor"]) != 0.18215
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    sd, params = loading.load_pretrained(base_model_dir())  # the loader real SD 1.5 goes through
+    names = [k for k in PROMPTS for _ in SEEDS]
+    images = sample.sample(sd, params, [PROMPTS[k] for k in names], SEEDS * len(PROMPTS), num_steps=20,
+                           guidance_scale=3.0, batch_size=len(SEEDS), progress=False)
+    by_prompt = {k: images[i * len(SEEDS):(i + 1) * len(SEEDS)] for i, k in enumerate(PROMPTS)}
+    return sd, by_prompt
+
+
+def test_shipped_model_files_and_card():
+    root = base_model_dir()
+    for name in ("model_index.json", "MODEL_CARD.md", "samples.png", "unet/diffusion_flax_model.msgpack",
+                 "vae/diffusion_flax_model.msgpack", "text_encoder/flax_model.msgpack", "tokenizer/vocab.json",
+                 "scheduler/scheduler_config.json"):
+        assert (root / name).is_file(), name
+    card = (root / "MODEL_CARD.md").read_text()
+    assert "python -m hdb_jax.train --config configs/base_toy.py" in card and "Held-out denoising loss" in card
+    assert sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) < 16 * 2**20  # "a few MB"
+
+
+def _nearest_similarity(scorer, images, gallery_embeddings):
+    return np.asarray(scorer.embed(images) @ gallery_embeddings.T).max(axis=1)
+
+
+def test_samples_are_faces(shipped):
+    sd, by_prompt = shipped
+    res = sd.default_resolution
+    scorer = identity_lib.load()
+    # Gallery: real renders of 200 identities no toy model trained on. Reference points: real renders
+    # of other unseen identities (faces) and two kinds of non-face images (flat colour fields and
+    # smoothed noise). A sample counts as a face if it is closer, in nearest-neighbour identity
+    # similarity, to real faces than to non-faces: the threshold is the midpoint of their means.
+    gallery_ids = list(range(7_000_000, 7_000_200))
+    gallery = scorer.embed(identity_lib.render(gallery_ids, [0] * 200, ["photo"] * 200, 0, res))
+    real_ids = list(range(7_100_000, 7_100_016))
+    real = identity_lib.render(real_ids, [1] * 16, ["photo"] * 16, 0, res)
+    rng = np.random.default_rng(0)
+    flat = np.broadcast_to(rng.integers(0, 256, (8, 1, 1, 3)), (8, res, res, 3)).astype(np.uint8)
+    noise = rng.normal(0, 1, (8, res // 4, res // 4, 3))
+    noise = np.clip(128 + 60 * np.repeat(np.repeat(noise, 4, 1), 4, 2), 0, 255).astype(np.uint8)
+    real_score = _nearest_similarity(scorer, real, gallery).mean()
+    non_face = _nearest_similarity(scorer, np.concatenate([flat, noise]), gallery).mean()
+    threshold = 0.5 * (real_score + non_face)
+    samples = _nearest_similarity(scorer, by_prompt["face"], gallery)
+    assert real_score > non_face
+    assert samples.mean() > threshold, (samples, real_score, non_face)
+
+
+def _border(images):
+    x = images.astype(np.float32) / 255.0
+    ring = np.concatenate([x[:, :2].reshape(len(x), -1, 3), x[:, -2:].reshape(len(x), -1, 3),
+                           x[:, :, :2].reshape(len(x), -1, 3), x[:, :, -2:].reshape(len(x), -1, 3)], axis=1)
+    return ring.mean(axis=1)  # [N, 3] mean colour of the 2-pixel border
+
+
+def test_prompt_modifiers_change_their_attribute(shipped):
+    _, by_prompt = shipped
+    red, blue = synthetic.BACKGROUNDS["red"], synthetic.BACKGROUNDS["blue"]
+    # Renders put the background colour in the border: R - B is 0.6 for "red" and -0.58 for
+    # "blue". Ask for at least half of that 1.18 contrast on average over 8 seeds.
+    contrast = (red[0] - red[2]) - (blue[0] - blue[2])
+    r_minus_b = {k: (_border(by_prompt[k])[:, 0] - _border(by_prompt[k])[:, 2]).mean() for k in ("red", "blue")}
+    assert r_minus_b["red"] - r_minus_b["blue"] > 0.5 * contrast, r_minus_b
+
+    def saturation(images):
+        x = images.astype(np.float32) / 255.0
+        return float((x.max(-1) - x.min(-1)).mean())
+
+    # Sketches are rendered in grayscale (saturation 0); photos are coloured.
+    assert saturation(by_prompt["sketch"]) < 0.5 * saturation(by_prompt["photo"])
