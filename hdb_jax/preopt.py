@@ -28,7 +28,7 @@ from safetensors.numpy import load_file, save_file
 
 from hdb_jax import adapters as A
 from hdb_jax import diffusion, metrics, sharding
-from hdb_jax.subject import _lidb_basis, build_adapters, build_model
+from hdb_jax.subject import build_adapters, build_model, lidb_basis
 
 INDEX = "index.jsonl"
 
@@ -134,7 +134,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     k_model, k_init, k_basis, k_train = jax.random.split(key, 4)
     sd, params = build_model(config, k_model)
     adapters = build_adapters(config, params)
-    basis, basis_hash = _lidb_basis(config, adapters, k_basis, out_dir)
+    basis, basis_hash = lidb_basis(config, adapters, k_basis, out_dir)
     optimizer = make_optimizer(config)
     rules = [tuple(r) for r in config.sharding_rules]
     frozen = jax.device_put({"params": params, "basis": basis}, sharding.tree_shardings({"params": params, "basis": basis}, mesh, rules))

@@ -194,8 +194,11 @@ def load_subject_data(config: ml_collections.ConfigDict, sd: model.StableDiffusi
 
 
 # -------------------------------------------------------------------- the job
-def _lidb_basis(config, adapters, key, workdir: str) -> tuple[dict, str | None]:
-    """Frozen trees per component; LiDB bases are loaded from (or generated once into) a file."""
+def lidb_basis(config, adapters, key, workdir: str) -> tuple[dict, str | None]:
+    """Frozen trees per component; LiDB bases are loaded from (or generated once into) a file.
+
+    The file is ``config.adapter.basis_file``, or ``<workdir>/lidb_basis.safetensors``.
+    """
     if config.adapter.kind != "lidb":
         return {c: a.basis(key) for c, a in adapters.items()}, None
     path = config.adapter.basis_file or os.path.join(workdir, "lidb_basis.safetensors")
@@ -216,7 +219,7 @@ def train_subject(config: ml_collections.ConfigDict) -> dict:
     sd, params = build_model(config, k_model)
     data = load_subject_data(config, sd)  # bad images fail here, before any compile
     adapters = build_adapters(config, params)
-    frozen_trees, basis_hash = _lidb_basis(config, adapters, k_basis, workdir)
+    frozen_trees, basis_hash = lidb_basis(config, adapters, k_basis, workdir)
     trainable = {c: a.init(k_init) for c, a in adapters.items()}
     optimizer = make_optimizer(config)
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}

@@ -23,10 +23,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from hdb_jax.sd import hf
-from hdb_jax.sd.loading import ModelLoadError, _read_safetensors
+from hdb_jax.sd import loading
+from hdb_jax.sd.loading import ModelLoadError
 
 # OpenAI CLIP's pixel statistics (also those of OpenCLIP ViT-H-14), per RGB channel.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -172,30 +172,11 @@ def convert_vision_state(state: Mapping[str, np.ndarray], abstract: Mapping[str,
     Raises:
       ModelLoadError: missing, unexpected or mis-shaped vision-tower parameters.
     """
-    expected = traverse_util.flatten_dict(abstract)
-    out: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected, mismatched = [], []
-    for name, tensor in state.items():
-        if not name.startswith("vision_model.") or name.endswith("position_ids"):
-            continue
-        key, value = hf.transformers_rename_and_reshape(
-            tuple(name.split(".")), np.asarray(tensor), expected, "vision_model"
-        )
-        if key not in expected:
-            unexpected.append(name)
-        elif tuple(value.shape) != tuple(expected[key].shape):
-            mismatched.append(f"{name} {tuple(value.shape)} != {tuple(expected[key].shape)}")
-        else:
-            out[key] = np.asarray(value)
-    missing = ["/".join(k) for k in expected if k not in out]
-    if unexpected or mismatched or missing:
-        parts = [
-            f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
-            if items
-        ]
-        raise ModelLoadError(f"{source}: weights do not fit the image encoder: {'; '.join(parts)}")
-    return traverse_util.unflatten_dict(out)
+    def rename(name, tensor, expected):
+        return hf.transformers_rename_and_reshape(tuple(name.split(".")), np.asarray(tensor), expected, "vision_model")
+
+    return loading.convert_tensors(state, abstract, rename, what="the image encoder", source=source,
+                                   skip=lambda name: not name.startswith("vision_model.") or name.endswith("position_ids"))
 
 
 def load_encoder_params(
@@ -234,6 +215,6 @@ def load_encoder_params(
         if diff:
             raise ModelLoadError(f"{folder}: not the configured image encoder: {', '.join(diff)}")
     files = _weight_files(folder)
-    tree = convert_vision_state(_read_safetensors(files), abstract_encoder_params(config), os.fspath(files[0]))
+    tree = convert_vision_state(loading.read_safetensors(files), abstract_encoder_params(config), os.fspath(files[0]))
     return config, jax.tree_util.tree_map(lambda x: jnp.asarray(x, param_dtype), tree)
 

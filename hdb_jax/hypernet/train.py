@@ -34,7 +34,7 @@ from hdb_jax.hypernet import decoder as dec
 from hdb_jax.hypernet import encoder as enc
 from hdb_jax.hypernet.model import HyperNetwork, abstract_params, build_hypernet, split_params
 from hdb_jax.sd import model
-from hdb_jax.subject import _lidb_basis, build_adapters, build_model
+from hdb_jax.subject import build_adapters, build_model, lidb_basis
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -187,7 +187,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if config.dry_run:
         basis = _abstract_basis(adapters, net.kind)
     else:
-        basis, basis_hash = _lidb_basis(config, adapters, k_basis, config.workdir)
+        basis, basis_hash = lidb_basis(config, adapters, k_basis, config.workdir)
     frozen = {"sd": sd_params, "basis": basis}
     abstract_frozen = {**jax.eval_shape(lambda: frozen), "hyper": abstract_hyper}
     step, state_sh, frozen_sh, data_sh = sharded_step(config, sd, net, adapters, optimizer, mesh, abstract_state, abstract_frozen)

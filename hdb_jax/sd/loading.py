@@ -17,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +126,8 @@ def _weights_files(folder: Path, component: str, variant: str | None) -> list[Pa
     raise ModelLoadError(f"{folder}: no weights file; expected '{single.name}' or '{flax_name}'")
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
+def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
+    """Every tensor of the (possibly sharded) safetensors ``files`` as numpy arrays."""
     state: dict[str, np.ndarray] = {}
     for file in files:
         try:
@@ -144,16 +145,24 @@ def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
 
 
 # -------------------------------------------------------------------- conversion
-def convert_state_dict(
-    component: str, state: Mapping[str, np.ndarray], abstract: Mapping[str, Any], source: str
+def convert_tensors(
+    state: Mapping[str, np.ndarray],
+    abstract: Mapping[str, Any],
+    rename: Callable[[str, np.ndarray, Mapping], tuple[tuple[str, ...], np.ndarray]],
+    *,
+    what: str,
+    source: str,
+    skip: Callable[[str], bool] = lambda name: bool(_IGNORED_KEYS.match(name)),
 ) -> dict:
-    """PyTorch-layout tensors -> the component's Flax parameter tree, checked against shapes.
+    """PyTorch-layout tensors -> a Flax parameter tree, every parameter checked against ``abstract``.
 
     Args:
-      component: ``unet``, ``vae`` or ``text_encoder`` (chooses the renaming rules).
       state: PyTorch state-dict names -> numpy arrays.
-      abstract: the component's abstract Flax parameters (``jax.eval_shape`` of its init).
+      abstract: the target's abstract Flax parameters (``jax.eval_shape`` of its init).
+      rename: ``(name, tensor, expected_flat) -> (flax key tuple, tensor in Flax layout)``.
+      what: the target's name in error messages (e.g. ``the unet config``).
       source: the file the tensors came from, for error messages.
+      skip: names to ignore (buffers the Flax models compute themselves).
 
     Returns:
       A nested dict of numpy arrays in Flax layout.
@@ -166,14 +175,9 @@ def convert_state_dict(
     out: dict[tuple[str, ...], np.ndarray] = {}
     unexpected, mismatched = [], []
     for name, tensor in state.items():
-        if _IGNORED_KEYS.match(name):
+        if skip(name):
             continue
-        if component == "text_encoder":
-            key, value = hf.transformers_rename_and_reshape(tuple(name.split(".")), tensor, expected, "text_model")
-        else:
-            key, value = hf.diffusers_rename_and_reshape(
-                tuple(hf.diffusers_rename_key(name).split(".")), tensor, expected
-            )
+        key, value = rename(name, tensor, expected)
         if key not in expected:
             unexpected.append(name)
         elif tuple(value.shape) != tuple(expected[key].shape):
@@ -182,15 +186,30 @@ def convert_state_dict(
             out[key] = np.asarray(value)
     missing = ["/".join(k) for k in expected if k not in out]
     if unexpected or mismatched or missing:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+        parts = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+                 if items]
         raise ModelLoadError(
-            f"{source}: weights do not fit the {component} config: {'; '.join(parts)}. "
-            "Is this checkpoint for another base model?"
+            f"{source}: weights do not fit {what}: {'; '.join(parts)}. Is this checkpoint for another base model?"
         )
     return traverse_util.unflatten_dict(out)
+
+
+def convert_state_dict(
+    component: str, state: Mapping[str, np.ndarray], abstract: Mapping[str, Any], source: str
+) -> dict:
+    """A component's PyTorch-layout tensors -> its Flax tree (see :func:`convert_tensors`).
+
+    ``component`` (``unet``, ``vae`` or ``text_encoder``) chooses diffusers' or transformers'
+    renaming rules.
+    """
+    if component == "text_encoder":
+        def rename(name, tensor, expected):
+            return hf.transformers_rename_and_reshape(tuple(name.split(".")), tensor, expected, "text_model")
+    else:
+        def rename(name, tensor, expected):
+            return hf.diffusers_rename_and_reshape(tuple(hf.diffusers_rename_key(name).split(".")), tensor, expected)
+    return convert_tensors(state, abstract, rename, what=f"the {component} config", source=source)
 
 
 def _load_component(folder: Path, component: str, abstract, variant: str | None):
@@ -207,7 +226,7 @@ def _load_component(folder: Path, component: str, abstract, variant: str | None)
         if bad:
             raise ModelLoadError(f"{files[0]}: parameters do not fit the {component} config (e.g. {bad[:3]})")
         return tree
-    return convert_state_dict(component, _read_safetensors(files), abstract, os.fspath(files[0]))
+    return convert_state_dict(component, read_safetensors(files), abstract, os.fspath(files[0]))
 
 
 # -------------------------------------------------------------------- public API
