@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hdb_jax import diffusion, preopt, sample
+from hdb_jax import diffusion, metrics, preopt, sample
 from hdb_jax.data import synthetic
 from hdb_jax.hypernet import bundle as bundle_lib
 from hdb_jax.hypernet import train as hypernet_train
@@ -80,6 +80,7 @@ def evaluate(config: ml_collections.ConfigDict, p: Personalizer, scorer) -> tupl
     seeds = list(range(e.samples_per_identity))
     per_row: dict[str, dict[str, list]] = {r: {"heldout_loss": [], "identity_score": [], "seconds": []} for r in ROWS}
     grid = []
+    bar = metrics.progress(len(e.identities), desc="personalise + score")
     for n, identity_id in enumerate(e.identities):
         reference = _render(identity_id, 0, res, config.data_seed)
         views = np.stack([_render(identity_id, i, res, config.data_seed) for i in range(1, e.heldout_views + 1)])
@@ -111,6 +112,8 @@ def evaluate(config: ml_collections.ConfigDict, p: Personalizer, scorer) -> tupl
             per_row[row]["seconds"].append(seconds)
             row_images.extend(images[: e.samples_per_row])
         grid.append(np.stack(row_images))
+        bar.update(1)
+    bar.close()
     return per_row, np.concatenate(grid)
 
 

@@ -297,6 +297,10 @@ def _last(history: Mapping[int, float]) -> float | None:
     return history[max(history)] if history else None
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a (not trained in this invocation)" if value is None else f"{value:.4f}"
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean(np.square(a.astype(np.float64) - b.astype(np.float64)))
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
@@ -330,13 +334,16 @@ def model_card(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> st
         "",
         "## Measured",
         f"- Training time: {info['train_s']} s for {info['steps_run']} steps on 2 CPU cores (this run).",
-        f"- Final training loss: VAE {info['vae_final_loss']:.4f}, denoiser {info['unet_final_loss']:.4f} (last logged step).",
+        f"- Final training loss (last logged step): VAE {_fmt(info['vae_final_loss'])}, denoiser {_fmt(info['unet_final_loss'])}.",
         f"- Held-out denoising loss ({d.heldout_identities} unseen identities, full captions, 8 noise draws): "
         f"{info['heldout_loss']:.4f}.",
         f"- VAE reconstruction PSNR on held-out faces: {info.get('vae_heldout_psnr', 'n/a')} dB; latent scaling factor "
         f"{info['scaling_factor']:.4f}.",
         "",
         "## Samples",
+        "",
+        "![samples](samples.png)",
+        "",
         f"`samples.png`: rows are the prompts below, columns seeds 0-{config.grid_seeds - 1} (DDIM {config.sample_steps} steps, "
         f"guidance {config.guidance_scale}).",
         "",
