@@ -144,10 +144,6 @@ class Personalizer:
         adapters, tree = relax.fold(relaxed, self.bundle.adapters, self.bundle.basis, predicted, state["trainable"])
         return adapters, tree, np.asarray(losses)
 
-    def hypernet_only(self, predicted: Mapping[str, Any]) -> tuple[dict, dict]:
-        """The prediction alone as ``(adapters, tree)`` (LiDB with the bundle's bases as frozen trees)."""
-        return self.bundle.adapters, predicted
-
     def export(self, out: str | os.PathLike, adapters: Mapping[str, A.Adapter], tree: Mapping[str, Any],
                extra: Mapping[str, Any] | None = None) -> dict[str, str]:
         """Writes ``personal.safetensors`` and the diffusers/PEFT ``lora/`` folder; returns their paths."""
