@@ -164,7 +164,6 @@ def personalize(config: ml_collections.ConfigDict, image_path: str, out: str) ->
     configs_only = loading.load_configs(config.model.source)  # no weights: the image is checked first
     resolution = config.model.resolution if config.model.resolution > 0 else configs_only.default_resolution
     image = validate_image(image_path, resolution, config)
-    meta = bundle_lib.read_meta(config.hypernet)
     p = Personalizer.load(config)
     timings["load"] = time.perf_counter() - t0
     timings["compile"] = p.compile()
@@ -179,7 +178,7 @@ def personalize(config: ml_collections.ConfigDict, image_path: str, out: str) ->
     r = config.relax
     files = p.export(out, adapters, tree, extra={"image": os.path.abspath(image_path), "variant": r.variant, "rank": r.rank,
                                                  "steps": r.steps, "learning_rate": r.learning_rate, "prompt": config.prompt,
-                                                 "hypernet_basis_hash": meta["basis_hash"]})
+                                                 "hypernet_basis_hash": p.bundle.basis_hash})
     timings["export"] = time.perf_counter() - t
     report = {"timings_s": {k: round(v, 3) for k, v in timings.items()}, "losses": [float(x) for x in losses],
               "files": files, "compile_cache": config.compile_cache or None, "device": jax.devices()[0].platform}
