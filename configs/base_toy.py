@@ -29,34 +29,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.resolution = 32
-    c.model.unet_channels = (32, 64) if reduced else (32, 64, 128)
+    c.model.unet_channels = (32, 64) if reduced else (64, 128, 128)
     c.model.vae_channels = (32, 64)
-    c.model.text_width = 32
-    c.model.text_layers = 2
+    c.model.text_width = 32 if reduced else 64
+    c.model.text_layers = 2 if reduced else 4
 
     c.data = ml_collections.ConfigDict()
-    c.data.identities = 64 if reduced else 2000  # ids 0 .. identities-1
-    c.data.images_per_identity = 2 if reduced else 4
-    c.data.styles = ("photo", "photo", "cartoon", "sketch")  # by render index: half photos
+    c.data.train_ids = (0, 1_000_000)  # every batch draws fresh identities from this range
+    c.data.styles = ("photo", "cartoon", "sketch")
+    c.data.style_weights = (0.5, 0.25, 0.25)
     c.data.caption_drop = 0.3  # each caption modifier is dropped with this probability
     c.data.uncond_prob = 0.1  # empty captions, for classifier-free guidance
-    c.data.seed = 0
+    c.data.seed = 0  # the synthetic world
+    c.data.stream_seed = 0  # which faces each step draws
     c.data.heldout_start = 5_000_000  # identities no toy-world model trains on
     c.data.heldout_identities = 8 if reduced else 64
 
-    c.vae_steps = 6 if reduced else 600
-    c.unet_steps = 10 if reduced else 2400
+    c.vae_steps = 6 if reduced else 2000
+    c.unet_steps = 10 if reduced else 40_000
     c.batch_size = 8 if reduced else 32
     c.kl_weight = 1e-4
     c.latent_std_target = 1.0
-    c.ema_decay = 0.0 if reduced else 0.995
-    c.optim_vae = ml_collections.ConfigDict(dict(learning_rate=2e-3, warmup_steps=2 if reduced else 50, final_lr_fraction=0.1,
+    c.ema_decay = 0.0 if reduced else 0.999
+    c.optim_vae = ml_collections.ConfigDict(dict(learning_rate=2e-3, warmup_steps=2 if reduced else 100, final_lr_fraction=0.05,
                                                  weight_decay=0.0, grad_clip=1.0))
-    c.optim_unet = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=2 if reduced else 100, final_lr_fraction=0.05,
+    # Constant after warmup (final fraction 1): the run can be extended without a schedule restart.
+    c.optim_unet = ml_collections.ConfigDict(dict(learning_rate=5e-4, warmup_steps=2 if reduced else 500, final_lr_fraction=1.0,
                                                   weight_decay=1e-2, grad_clip=1.0))
     c.stop_after = 0  # >0: save and stop after this many steps in one invocation (time-sliced jobs)
-    c.log_every = 2 if reduced else 25
-    c.checkpoint_every = 5 if reduced else 300
+    c.log_every = 2 if reduced else 50
+    c.checkpoint_every = 5 if reduced else 500
 
     c.grid_seeds = 6
     c.sample_steps = 25

@@ -375,6 +375,34 @@ def render_face(ident: FaceIdentity, var: Variation, resolution: int = 64) -> np
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def render_batch(identities: Sequence[int], indices: Sequence[int], styles: Sequence[str], seed: int,
+                 resolution: int) -> np.ndarray:
+    """Renders image ``indices[i]`` of identity ``identities[i]`` in ``styles[i]``.
+
+    Args:
+      identities: identity ids, one per image.
+      indices: per-identity image indices (they fix pose, lighting and background).
+      styles: one of :data:`STYLES` per image.
+      seed: the synthetic world's seed.
+      resolution: image side in pixels.
+
+    Returns:
+      uint8 [N, resolution, resolution, 3].
+    """
+    if not len(identities) == len(indices) == len(styles):
+        raise ValueError(f"{len(identities)} identities, {len(indices)} indices, {len(styles)} styles")
+    return np.stack([
+        render_face(identity(int(i), seed), variation(int(i), int(j), seed, style=str(s)), resolution)
+        for i, j, s in zip(identities, indices, styles)])
+
+
+def to_unit_range(images: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] images -> float32 in [-1, 1] (the range every model here takes)."""
+    if images.dtype != np.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
 def caption(ident: FaceIdentity, var: Variation, class_word: str = "face",
             token: Optional[str] = None) -> str:
     """Describes an image, e.g. "a photo of sks face with glasses on a red background".

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from hdb_jax import checkpoint, diffusion, metrics
-from hdb_jax.data import synthetic
+from hdb_jax.data import prefetch, synthetic
 from hdb_jax.sd import loading, model
 
 # Rows of the model card's sample grid: prompts whose modifiers should visibly change the image.
@@ -46,6 +46,8 @@ GRID_PROMPTS = (
     "a sketch of a face",
 )
 
+
+CALIBRATION_STEP = 2**31  # the batch the latent scale is measured on: a step no run reaches
 
 # -------------------------------------------------------------------- model and data
 def build_model(config: ml_collections.ConfigDict, scaling_factor: float | None = None) -> model.StableDiffusion:
@@ -74,34 +76,50 @@ def toy_caption(ident: synthetic.FaceIdentity, var: synthetic.Variation, rng: np
     return " ".join(words)
 
 
-@dataclasses.dataclass
-class FaceData:
-    """Pre-rendered synthetic faces; batches are a pure function of ``(seed, step)``."""
+@dataclasses.dataclass(frozen=True)
+class FreshFaces:
+    """An endless stream of synthetic faces: every batch draws identities it has never drawn.
 
-    images: np.ndarray               # uint8 [N, H, W, 3]
-    faces: list[tuple[synthetic.FaceIdentity, synthetic.Variation]]
-    seed: int
+    Batch ``step`` is a pure function of ``(stream_seed, step)``: identity ids uniform in
+    ``[id_range[0], id_range[1])`` (a range of a million ids or more, so repeats are rare), image
+    indices (pose, lighting, background) uniform in ``[0, 2**30)``, styles drawn with
+    ``style_weights``, captions from the generator's attributes with each modifier dropped w.p.
+    ``caption_drop`` and an empty caption w.p. ``uncond_prob``.
+    """
+
+    id_range: tuple[int, int]
+    resolution: int
+    styles: tuple[str, ...]
+    style_weights: tuple[float, ...]
+    world_seed: int  # the synthetic world's seed: which face an identity id is
+    stream_seed: int  # which faces a step draws
     caption_drop: float
     uncond_prob: float
 
     @classmethod
-    def render(cls, identities, images_per_identity: int, resolution: int, styles, seed: int, **kw) -> "FaceData":
-        faces, images = [], []
-        for ident_id in identities:
-            ident = synthetic.identity(int(ident_id), seed)
-            for index in range(images_per_identity):
-                var = synthetic.variation(int(ident_id), index, seed, style=styles[index % len(styles)])
-                faces.append((ident, var))
-                images.append(synthetic.render_face(ident, var, resolution))
-        return cls(np.stack(images), faces, seed, **kw)
+    def from_config(cls, config: ml_collections.ConfigDict) -> "FreshFaces":
+        d = config.data
+        return cls(tuple(d.train_ids), config.model.resolution, tuple(d.styles), tuple(d.style_weights), d.seed,
+                   d.stream_seed, d.caption_drop, d.uncond_prob)
+
+    def draw(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, list[str], np.random.Generator]:
+        """Identity ids [B], image indices [B] and styles of batch ``step``, plus its caption rng."""
+        rng = np.random.default_rng([self.stream_seed, 11, step])
+        ids = rng.integers(self.id_range[0], self.id_range[1], batch_size)
+        indices = rng.integers(0, 2**30, batch_size)
+        weights = np.asarray(self.style_weights, np.float64)
+        styles = [self.styles[k] for k in rng.choice(len(self.styles), batch_size, p=weights / weights.sum())]
+        return ids, indices, styles, rng
 
     def batch(self, step: int, batch_size: int, tokenize) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, 11, step])
-        rows = rng.integers(0, len(self.images), batch_size)
-        captions = ["" if rng.random() < self.uncond_prob else toy_caption(*self.faces[r], rng, self.caption_drop)
-                    for r in rows]
-        return {"images": self.images[rows].astype(np.float32) / 127.5 - 1.0,
-                "input_ids": np.asarray(tokenize(captions), np.int32)}
+        """``{"images": float32 [B, H, W, 3] in [-1, 1], "input_ids": int32 [B, L]}`` of batch ``step``."""
+        ids, indices, styles, rng = self.draw(step, batch_size)
+        images = synthetic.render_batch(ids, indices, styles, self.world_seed, self.resolution)
+        captions = []
+        for i, j, style in zip(ids, indices, styles):
+            ident, var = synthetic.identity(int(i), self.world_seed), synthetic.variation(int(i), int(j), self.world_seed, style)
+            captions.append("" if rng.random() < self.uncond_prob else toy_caption(ident, var, rng, self.caption_drop))
+        return {"images": synthetic.to_unit_range(images), "input_ids": np.asarray(tokenize(captions), np.int32)}
 
 
 # -------------------------------------------------------------------- losses and steps
@@ -171,7 +189,8 @@ def heldout_loss(sd: model.StableDiffusion, params: Mapping[str, Any], images: n
 
 # -------------------------------------------------------------------- the job
 def _latent_scale(sd: model.StableDiffusion, vae_params, images: np.ndarray) -> float:
-    pixels = jnp.transpose(jnp.asarray(images.astype(np.float32) / 127.5 - 1.0), (0, 3, 1, 2))
+    """1 / std of the VAE's latent means of ``images`` (float NHWC in [-1, 1])."""
+    pixels = jnp.transpose(jnp.asarray(images), (0, 3, 1, 2))
     mean = sd.vae.apply({"params": vae_params}, pixels, method=sd.vae.encode).latent_dist.mean
     return float(1.0 / jnp.std(mean))
 
@@ -191,11 +210,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
     sd = build_model(c)
     vae_opt, unet_opt = make_optimizer(c.optim_vae, c.vae_steps), make_optimizer(c.optim_unet, c.unet_steps)
     k_init, k_train = jax.random.split(jax.random.PRNGKey(c.seed))
-    t0 = time.perf_counter()
-    data = FaceData.render(range(c.data.identities), c.data.images_per_identity, c.model.resolution, tuple(c.data.styles),
-                           c.data.seed, caption_drop=c.data.caption_drop, uncond_prob=c.data.uncond_prob)
-    render_s = time.perf_counter() - t0
-
+    data = FreshFaces.from_config(c)
     workdir = Path(c.workdir).absolute()
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=c.checkpoint_every)
     state = _init_state(sd, k_init, vae_opt, unet_opt)
@@ -211,15 +226,17 @@ def train(config: ml_collections.ConfigDict) -> dict:
     bar = metrics.progress(total, initial=start, desc="toy base")
     history: dict[str, dict[int, float]] = {"vae": {}, "unet": {}}
     s, t_train = start, time.perf_counter()
+    batches = prefetch.prefetch(lambda step: data.batch(step, c.batch_size, sd.tokenize), range(start, total))
     try:
         while s < total:
             phase = "vae" if s < c.vae_steps else "unet"
             if phase == "unet" and unet_step is None:
                 if s == c.vae_steps:  # the switch: measure the latent scale once, keep it in the state
-                    state["scaling_factor"] = jnp.asarray(c.latent_std_target * _latent_scale(sd, state["vae"], data.images[:256]), jnp.float32)
+                    calibration = data.batch(CALIBRATION_STEP, 256, sd.tokenize)["images"]
+                    state["scaling_factor"] = jnp.asarray(c.latent_std_target * _latent_scale(sd, state["vae"], calibration), jnp.float32)
                 sd = build_model(c, float(state["scaling_factor"]))
                 unet_step = make_unet_step(sd, unet_opt, c.ema_decay)
-            batch = data.batch(s, c.batch_size, sd.tokenize)
+            batch = next(batches)
             if phase == "vae":
                 state, out = vae_step(state, batch["images"], k_train)
             else:
@@ -241,10 +258,11 @@ def train(config: ml_collections.ConfigDict) -> dict:
                 print(f"\nstopped at step {s} (checkpoint saved); rerun the same command to resume")
                 break
     finally:
+        batches.close()
         bar.close()
         writer.close()
         ckpt.close()
-    result = {"state": state, "history": history, "steps_run": s - start, "step": s, "render_s": render_s,
+    result = {"state": state, "history": history, "steps_run": s - start, "step": s,
               "train_s": time.perf_counter() - t_train, "sd": sd, "workdir": os.fspath(workdir)}
     if s >= total:
         result.update(finish(c, sd, state, result))
@@ -257,12 +275,14 @@ def final_params(state: Mapping[str, Any]) -> dict:
 
 
 def heldout_set(config: ml_collections.ConfigDict, sd: model.StableDiffusion) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out identities' images and their full captions (fixed by the config's seed)."""
+    """Held-out identities' images (float NHWC in [-1, 1]) and their full captions (token ids)."""
     d = config.data
-    data = FaceData.render(range(d.heldout_start, d.heldout_start + d.heldout_identities), 1, config.model.resolution,
-                           tuple(d.styles), d.seed, caption_drop=0.0, uncond_prob=0.0)
-    captions = [toy_caption(i, v, np.random.default_rng(0), 0.0) for i, v in data.faces]
-    return data.images, np.asarray(sd.tokenize(captions), np.int32)
+    ids = list(range(d.heldout_start, d.heldout_start + d.heldout_identities))
+    styles = [d.styles[k % len(d.styles)] for k in range(len(ids))]
+    images = synthetic.render_batch(ids, [0] * len(ids), styles, d.seed, config.model.resolution)
+    captions = [toy_caption(synthetic.identity(i, d.seed), synthetic.variation(i, 0, d.seed, s), np.random.default_rng(0), 0.0)
+                for i, s in zip(ids, styles)]
+    return synthetic.to_unit_range(images), np.asarray(sd.tokenize(captions), np.int32)
 
 
 def finish(config: ml_collections.ConfigDict, sd: model.StableDiffusion, state, result: Mapping[str, Any]) -> dict:
@@ -286,8 +306,8 @@ def finish(config: ml_collections.ConfigDict, sd: model.StableDiffusion, state, 
     grid = sample.sample(sd, params, prompts, seeds * len(GRID_PROMPTS), num_steps=config.sample_steps,
                          guidance_scale=config.guidance_scale, batch_size=len(seeds), progress=False)
     sample.save_grid(grid, out / "samples.png", cols=len(seeds))
-    recon = np.asarray(sample.to_uint8(sd.decode_latents(params["vae"], sd.encode_images(params["vae"], jnp.asarray(images[:8] / 127.5 - 1.0)))))
-    info["vae_heldout_psnr"] = round(_psnr(images[:8], recon), 2)
+    recon = np.asarray(sample.to_uint8(sd.decode_latents(params["vae"], sd.encode_images(params["vae"], jnp.asarray(images[:8])))))
+    info["vae_heldout_psnr"] = round(_psnr(sample.to_uint8(images[:8]), recon), 2)
     (out / "training.json").write_text(json.dumps({**info, "history": result["history"], "config": config.to_dict()}, indent=1, default=str))
     (out / "MODEL_CARD.md").write_text(model_card(config, info))
     return {**info, "out_dir": os.fspath(out)}
