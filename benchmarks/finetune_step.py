@@ -109,9 +109,9 @@ def build_jax_step(channels, *, batch, latent, attention, chunk, remat=None, see
 
     from hdb_jax import adapters as A
     from hdb_jax import diffusion
-    from hdb_jax.sd import model
+    from hdb_jax.sd import tiny as tiny_lib
 
-    sd = model.tiny(
+    sd = tiny_lib.tiny(
         resolution=2 * latent, unet_channels=channels, attention=attention, attention_chunk=chunk
     )
     key = jax.random.PRNGKey(seed)

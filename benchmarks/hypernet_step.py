@@ -85,7 +85,7 @@ from hdb_jax.hypernet import decoder as dec  # noqa: E402
 from hdb_jax.hypernet import encoder as enc  # noqa: E402
 from hdb_jax.hypernet import train as ht  # noqa: E402
 from hdb_jax.hypernet.model import HyperNetwork, split_params  # noqa: E402
-from hdb_jax.sd import model  # noqa: E402
+from hdb_jax.sd import tiny as tiny_lib
 
 # name -> (tiny() overrides, image resolution); the VAE halves it, so latents are resolution / 2.
 SIZES = {
@@ -132,7 +132,7 @@ def _build(size: str, batch: int, seed: int) -> dict:
     config = _hypernet_config()
     config.batch_size = batch
     config.model.resolution = resolution
-    sd = model.tiny(resolution=resolution, **overrides)
+    sd = tiny_lib.tiny(resolution=resolution, **overrides)
     key = jax.random.PRNGKey(seed)
     params = init_sd_params(sd, jax.random.fold_in(key, 0), resolution)
     adapters = ht.build_adapters(config, params)

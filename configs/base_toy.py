@@ -7,19 +7,13 @@ Knobs after ':': ``reduced`` (a few steps of a smaller run, for tests). Rerunnin
 resumes from the latest checkpoint in ``workdir``.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from subject import parse_knobs  # noqa: E402
+from hdb_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    knobs = parse_knobs(arg, {"reduced"})
-    reduced = "reduced" in knobs
+    reduced = config_lib.knobs(arg, reduced=False).reduced
     c = ml_collections.ConfigDict()
     c.job = "base_toy"
     c.seed = 0
@@ -51,14 +45,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.kl_weight = 1e-4
     c.latent_std_target = 1.0
     c.ema_decay = 0.0 if reduced else 0.999
-    c.optim_vae = ml_collections.ConfigDict(dict(learning_rate=2e-3, warmup_steps=2 if reduced else 100, final_lr_fraction=0.05,
-                                                 weight_decay=0.0, grad_clip=1.0))
-    # Constant after warmup (final fraction 1): the run can be extended without a schedule restart.
-    c.optim_unet = ml_collections.ConfigDict(dict(learning_rate=5e-4, warmup_steps=2 if reduced else 500, final_lr_fraction=1.0,
-                                                  weight_decay=1e-2, grad_clip=1.0))
+    c.optim_vae = config_lib.optim(2e-3, weight_decay=0.0, warmup_steps=2 if reduced else 100, schedule="cosine",
+                                   final_lr_fraction=0.05)
+    # Constant after warmup: the run can be extended without a schedule restart.
+    c.optim_unet = config_lib.optim(5e-4, weight_decay=1e-2, warmup_steps=2 if reduced else 500)
     c.stop_after = 0  # >0: save and stop after this many steps in one invocation (time-sliced jobs)
     c.log_every = 2 if reduced else 50
     c.checkpoint_every = 5 if reduced else 500
+    c.validate_every = 0 if reduced else 2000  # a sample grid in TensorBoard (0: none)
+    c.validate_seeds = 2
 
     c.grid_seeds = 6
     c.sample_steps = 25

@@ -13,21 +13,14 @@ Knobs after ':': ``reduced``. Subject-only personalisation is configs/subject.py
 """
 
 import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import hypernet as hypernet_config  # noqa: E402  (configs/hypernet.py)
-import personalize as personalize_config  # noqa: E402
-import preopt as preopt_config  # noqa: E402
-from subject import parse_knobs  # noqa: E402
+from hdb_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    knobs = parse_knobs(arg, {"reduced"})
-    reduced = "reduced" in knobs
+    reduced = config_lib.knobs(arg, reduced=False).reduced
     from hdb_jax.toy import base_model_dir
 
     c = ml_collections.ConfigDict()
@@ -39,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     workdir = c.get_ref("workdir")  # derived paths follow --config.workdir
     train_ids = tuple(range(10_000, 10_000 + (8 if reduced else 48)))  # never seen by the base model
 
-    c.preopt = preopt_config.get_config("tiny")
+    c.preopt = config_lib.load("preopt.py", "tiny", relative_to=__file__)
     c.preopt.model.source = base
     c.preopt.workdir = workdir + "/preopt"
     c.preopt.adapter.basis_file = workdir + "/lidb_basis.safetensors"
@@ -47,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.preopt.steps = 3 if reduced else 60
     c.preopt.optim.learning_rate = 1e-2
 
-    c.hypernet = hypernet_config.get_config("tiny")
+    c.hypernet = config_lib.load("hypernet.py", "tiny", relative_to=__file__)
     c.hypernet.model.source = base
     c.hypernet.workdir = workdir + "/hypernet"
     c.hypernet.adapter.basis_file = workdir + "/lidb_basis.safetensors"
@@ -60,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.hypernet.optim.learning_rate = 1e-3
     c.hypernet.optim.warmup_steps = 20
 
-    c.personalize = personalize_config.get_config()
+    c.personalize = config_lib.load("personalize.py", relative_to=__file__)
     c.personalize.model.source = base
     c.personalize.hypernet = workdir + "/hypernet/hypernet"
     c.personalize.compile_cache = workdir + "/jax_cache"

@@ -10,31 +10,27 @@ Run:
 Knobs: ``tiny`` (default) or ``sd15``. See launch/ for TPU pods, GPU hosts and SLURM.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from subject import get_config as subject_config, parse_knobs  # noqa: E402
+from hdb_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    knobs = parse_knobs(arg, {"tiny", "sd15"})
-    sd15 = "sd15" in knobs
-    c = subject_config("sd15,adapter=lidb" if sd15 else "tiny,adapter=lidb")
+    k = config_lib.knobs(arg, size=config_lib.SIZES)
+    sd15 = k.size == "sd15"
+    c = ml_collections.ConfigDict()
     c.job = "hypernet"
+    c.seed = 0
     c.workdir = "runs/hypernet"
     c.dry_run = False
-    c.steps = 50_000 if sd15 else 40
+    c.model = config_lib.model(k.size)
+    c.adapter = config_lib.adapter("lidb", k.size)
+    c.update(config_lib.loop(50_000 if sd15 else 40, log_every=50 if sd15 else 5, checkpoint_every=1000 if sd15 else 20))
     c.batch_size = 64 if sd15 else 8  # global; a multiple of the device count
-    c.log_every = 50 if sd15 else 5
-    c.checkpoint_every = 1000 if sd15 else 20
 
     c.hypernet = ml_collections.ConfigDict()
-    c.hypernet.encoder = "sd15" if sd15 else "tiny"  # CLIP ViT-H/14 vision tower, or a tiny one
-    c.hypernet.encoder_path = ""  # local CLIP vision directory with weights (sd15)
+    c.hypernet.encoder = "sd15" if sd15 else "tiny"  # CLIP ViT-H/14, a tiny random CLIP, or toy_identity
+    c.hypernet.encoder_path = ""  # local CLIP vision directory (sd15) or identity encoder folder (toy_identity)
     c.hypernet.train_encoder = False
     c.hypernet.iterations = 4
     c.hypernet.mode = "cross"  # or "concat" (the paper's concatenation)
@@ -42,24 +38,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.hypernet.num_heads = 2
     c.hypernet.width = 0  # 0: 2 x token width
 
-    c.loss = ml_collections.ConfigDict(dict(alpha=1.0, beta=0.02))  # beta only acts with preopt targets
+    # beta weighs the squared-norm weight distance (sum over layers); it acts only with targets.
+    c.loss = ml_collections.ConfigDict(dict(alpha=1.0, beta=0.02))
+    c.optim = config_lib.optim(1e-4 if sd15 else 1e-3, warmup_steps=1000 if sd15 else 4, schedule="cosine")
 
-    c.optim.learning_rate = 1e-4 if sd15 else 1e-3
-    c.optim.weight_decay = 1e-2
-    c.optim.grad_clip = 1.0
-    c.optim.warmup_steps = 1000 if sd15 else 4
-
-    del c.data["instance"], c.data["prior"], c.data["class_prompt"], c.data["prior_weight"], c.data["flip"], c.data["batch_size"]
-    c.data.prompt = "a sks face"
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"
+    c.data.prompt = "a photo of sks face" if sd15 else "a sks face"
     c.data.preopt_dir = ""  # stage-1 weights dataset; empty: no targets (beta term off)
     c.data.identities = tuple(range(100, 116))  # used when preopt_dir is empty
-    c.data.heldout = tuple(range(900, 904))
     c.data.images_per_identity = 4
+    c.data.denoise_on = "same"  # the UNet denoises the image the hypernetwork saw (paper) or "other" views
     c.data.seed = 0
-    del c["export"], c["print_tables"]
+    c.data.heldout = tuple(range(900, 904))  # identities never trained on
+    c.data.heldout_views = 3  # the held-out loss is measured on views 1..3, the hypernetwork sees view 0
+    c.data.heldout_preopt_dir = ""  # targets of held-out identities: R^2 on them
+    c.data.r2_subset = 256  # training identities the training R^2 is measured on
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    c.mesh = config_lib.mesh()
     c.sharding_rules = ((r".*kernel", "fsdp"), (r".*embedding", "fsdp"))
-    c.distributed = ml_collections.ConfigDict(dict(auto=True, coordinator_address="", num_processes=-1, process_id=-1,
-                                                   local_device_ids=()))
+    c.distributed = config_lib.distributed()
     return c

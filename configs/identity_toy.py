@@ -10,24 +10,14 @@ encoder (``config.json`` + ``params.safetensors``) to ``out_dir``, by default th
 with the package.
 """
 
-import os
-import pathlib
-import sys
-
 import ml_collections
 
-import hdb_jax.toy
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from subject import parse_knobs  # noqa: E402
-
-SHIPPED_DIR = pathlib.Path(hdb_jax.toy.__file__).parent / "weights" / "identity"
+from hdb_jax import config_lib
+from hdb_jax.toy.identity import SHIPPED_DIR
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    knobs = parse_knobs(arg, allowed={"reduced"})
-    reduced = "reduced" in knobs
+    reduced = config_lib.knobs(arg, reduced=False).reduced
 
     c = ml_collections.ConfigDict()
     c.job = "identity"
@@ -37,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.steps = 8 if reduced else 1000
     c.log_every = 2 if reduced else 25
     c.checkpoint_every = 4 if reduced else 250
+    c.stop_after = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.widths = (8, 16) if reduced else (16, 32, 64, 128)
@@ -55,11 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.temperature = 0.1
     c.loss.attribute_weight = 0.5  # auxiliary regression of the generator's identity attributes
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 3e-3
-    c.optim.weight_decay = 1e-4
-    c.optim.warmup_steps = 1 if reduced else 50
-    c.optim.grad_clip = 1.0
+    c.optim = config_lib.optim(3e-3, weight_decay=1e-4, warmup_steps=1 if reduced else 50, schedule="cosine")
 
     c.eval = ml_collections.ConfigDict()
     c.eval.heldout_start = 1_000_000  # disjoint from the training ids

@@ -10,17 +10,14 @@ The default base model is the toy model shipped in hdb_jax/toy/weights/base.
 """
 
 import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from subject import parse_knobs  # noqa: E402
+from hdb_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    knobs = parse_knobs(arg, {"svd", "fresh"})
+    svd = config_lib.knobs(arg, variant=("fresh", "svd")).variant == "svd"
     from hdb_jax.toy import base_model_dir
 
     c = ml_collections.ConfigDict()
@@ -35,10 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_image_pixels = 64_000_000  # larger photos are refused before decoding
 
     c.relax = ml_collections.ConfigDict()
-    c.relax.variant = "svd" if "svd" in knobs else "fresh"
+    c.relax.variant = "svd" if svd else "fresh"
     c.relax.rank = 4
     c.relax.alpha = 0.0  # 0: alpha = rank (LoRA scale 1)
-    c.relax.steps = 25 if "svd" in knobs else 40
+    c.relax.steps = 25 if svd else 40
     c.relax.learning_rate = 1e-3
     c.relax.weight_decay = 0.0
     c.relax.grad_clip = 1.0

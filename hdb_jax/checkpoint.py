@@ -1,14 +1,16 @@
-"""Orbax checkpoints for training runs: named items, interval + preemption saves, resume.
+"""Orbax checkpoints for training runs: named items, Orbax's save policies, resume.
 
 A run directory holds ``checkpoints/<step>/{state,config}``: ``state`` is the trainable pytree
-(adapter or hypernetwork parameters, optimizer state, step counter), ``config`` the run's config
-as JSON. Frozen base weights are never saved. Restoring goes into the abstract target (shapes,
+(adapter or network parameters, optimizer state, step counter), ``config`` the run's config as
+JSON. Frozen base weights are never saved. Restoring goes into the abstract target (shapes,
 dtypes and, for sharded runs, shardings), so a resumed state lands where the step expects it.
 
-Preemption: SIGTERM (what TPU VMs, SLURM and Kubernetes send before killing a job) only sets a
-flag; the training loop asks :meth:`Checkpointer.should_stop` at each step boundary, saves the
-current step and exits cleanly. On multi-process runs the decision is taken in sync through JAX's
-preemption sync point, so every process saves the same step.
+When to save is Orbax's decision (``save_decision_policy``): every ``every`` steps, at the last
+step, and when JAX's preemption service reports a preemption (multi-process runs on TPU pods and
+clusters, where every process then saves the same step). What Orbax lacks is kept here: on a
+single process a SIGTERM (what SLURM and Kubernetes send before killing a job) only sets a flag
+that :meth:`Checkpointer.should_stop` reports at the next step boundary, so the loop can save and
+exit cleanly.
 """
 
 from __future__ import annotations
@@ -21,22 +23,30 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import save_decision_policy as policies
 
 
 class Checkpointer:
-    """A thin policy layer over ``orbax.checkpoint.CheckpointManager``.
+    """A run's checkpoints: Orbax's manager, its save policy, and a SIGTERM flag.
 
     Args:
       directory: where step folders go (created if missing).
-      every: save every this many steps (and always at the final step).
+      every: save every this many steps (0: only at ``last_step`` and on preemption).
+      last_step: the run's final step, always saved.
       max_to_keep: how many recent checkpoints to keep.
-      handle_sigterm: install a SIGTERM handler that requests a save-and-stop.
+      handle_sigterm: install a SIGTERM handler that requests a save-and-stop (main thread only).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, every: int, max_to_keep: int = 3, handle_sigterm: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, every: int, last_step: int | None = None, max_to_keep: int = 3,
+                 handle_sigterm: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
-        self.every = int(every)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        decide = [policies.PreemptionCheckpointingPolicy()]
+        if every > 0:
+            decide.append(policies.FixedIntervalPolicy(int(every)))
+        if last_step is not None:
+            decide.append(policies.SpecificStepsPolicy(frozenset({int(last_step)})))
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               save_decision_policy=policies.AnySavePolicy(decide))
         handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._stop = threading.Event()
@@ -53,16 +63,8 @@ class Checkpointer:
         self._stop.set()
 
     def should_stop(self, step: int) -> bool:
-        """True once a stop was requested here, or (multi-process) on any process."""
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            try:
-                if multihost_utils.reached_preemption_sync_point(step):
-                    return True
-            except RuntimeError:  # preemption service not enabled in this distributed runtime
-                pass
-        return self._stop.is_set()
+        """True once a stop was requested here, or JAX's preemption service reached ``step``."""
+        return self._stop.is_set() or self._manager.reached_preemption(step)
 
     # ---------------------------------------------------------------- save / restore
     @property
@@ -72,20 +74,19 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def due(self, step: int, last_step: int) -> bool:
-        """Whether the interval policy asks for a save after ``step``."""
-        return step == last_step or (self.every > 0 and step % self.every == 0)
+    def save(self, step: int, state: Any, config: Mapping[str, Any], *, force: bool = False) -> bool:
+        """Saves ``state`` and ``config`` at ``step`` if the policy (or ``force``) says so.
 
-    def save(self, step: int, state: Any, config: Mapping[str, Any]) -> None:
-        """Saves ``state`` (a pytree of arrays) and ``config`` (JSON-able) at ``step``."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(json.loads(json.dumps(config, default=str))),
-            ),
-            force=True,
+        Returns:
+          Whether a checkpoint was written (asynchronously; :meth:`close` waits for it).
+        """
+        if step == self.latest_step:
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(json.loads(json.dumps(config, default=str))),
         )
+        return bool(self._manager.save(step, args=args, force=force))
 
     def restore(self, abstract_state: Any | None, step: int | None = None) -> tuple[int, Any]:
         """Restores the state saved at ``step`` (default: latest) into ``abstract_state``'s layout.

@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hdb_jax import diffusion, metrics, preopt, sample
+from hdb_jax import adapters as A
+from hdb_jax import build, diffusion, images, metrics, preopt, sample
 from hdb_jax.data import synthetic
 from hdb_jax.hypernet import bundle as bundle_lib
 from hdb_jax.hypernet import train as hypernet_train
 from hdb_jax.personalize import Personalizer, enable_compile_cache, zero_prediction
-from hdb_jax.sd import loading
 from hdb_jax.toy import identity as identity_lib
 
 ROWS = ("base", "hypernet", "hypernet+finetune", "finetune_from_zero")
@@ -46,27 +46,16 @@ def _render(identity_id: int, index: int, resolution: int, seed: int) -> np.ndar
     return synthetic.render_face(ident, synthetic.variation(identity_id, index, seed, style="photo"), resolution)
 
 
-def make_heldout_loss(sd, num_keys: int):
-    """Jitted ``loss(params, images, ids, rng)``: denoising loss averaged over fixed draws."""
-    sched = sd.noise_scheduler.create_state()
-
-    def loss(params, images, ids, rng):
-        one = lambda k: diffusion.denoising_loss(sd, sched, params, images, ids, k)  # noqa: E731
-        return jnp.mean(jax.lax.map(one, jax.random.split(rng, num_keys)))
-
-    return jax.jit(loss)
-
-
-def run_stages(config: ml_collections.ConfigDict) -> dict[str, float]:
-    """Stages 1 and 2 (skipped when their outputs exist); returns their wall times."""
+def run_stages(config: ml_collections.ConfigDict, sd, params) -> dict[str, float]:
+    """Stages 1 and 2 on the base model ``(sd, params)`` (skipped when their outputs exist); wall times."""
     times = {}
     t = time.perf_counter()
-    preopt.run(config.preopt)
+    preopt.train(config.preopt, sd, params)
     times["preopt"] = time.perf_counter() - t
     bundle_dir = Path(config.hypernet.workdir) / "hypernet"
     t = time.perf_counter()
     if not (bundle_dir / bundle_lib.WEIGHTS).is_file():
-        hypernet_train.run(config.hypernet)
+        hypernet_train.train(config.hypernet, sd, params)
     times["hypernet"] = time.perf_counter() - t
     return times
 
@@ -75,7 +64,7 @@ def evaluate(config: ml_collections.ConfigDict, p: Personalizer, scorer) -> tupl
     """Personalises every held-out identity four ways; returns per-row metrics and the grid images."""
     e = config.eval
     res = p.sd.default_resolution
-    loss_fn = make_heldout_loss(p.sd, e.noise_draws)
+    loss_fn = diffusion.make_heldout_loss(p.sd, e.noise_draws)
     prompt_ids = np.asarray(p.sd.tokenize([config.personalize.prompt] * e.heldout_views))
     seeds = list(range(e.samples_per_identity))
     per_row: dict[str, dict[str, list]] = {r: {"heldout_loss": [], "identity_score": [], "seconds": []} for r in ROWS}
@@ -84,19 +73,19 @@ def evaluate(config: ml_collections.ConfigDict, p: Personalizer, scorer) -> tupl
     for n, identity_id in enumerate(e.identities):
         reference = _render(identity_id, 0, res, config.data_seed)
         views = np.stack([_render(identity_id, i, res, config.data_seed) for i in range(1, e.heldout_views + 1)])
-        pixels = jnp.asarray(views.astype(np.float32) / 127.5 - 1.0)
+        pixels = jnp.asarray(images.to_unit_range(views))
         key = jax.random.PRNGKey(config.seed + n)
         t = time.perf_counter()
         predicted = jax.block_until_ready(p.predict(reference))
         t_predict = time.perf_counter() - t
         models = {"base": (p.params, 0.0)}
-        models["hypernet"] = (sample.merged_params(p.params, p.bundle.adapters, predicted, p.bundle.basis), t_predict)
+        models["hypernet"] = (A.merge_all(p.params, p.bundle.adapters, predicted, p.bundle.basis), t_predict)
         for row, start in (("hypernet+finetune", predicted), ("finetune_from_zero", zero_prediction(p.bundle.adapters))):
             t = time.perf_counter()
             adapters, tree, _ = p.finetune_from(start, reference, key)
             jax.block_until_ready(tree)
             seconds = time.perf_counter() - t + (t_predict if row == "hypernet+finetune" else 0.0)
-            models[row] = (sample.merged_params(p.params, adapters, tree), seconds)
+            models[row] = (A.merge_all(p.params, adapters, tree), seconds)
             if row == "hypernet+finetune":
                 p.export(Path(config.workdir) / "personal" / str(identity_id), adapters, tree,
                          extra={"identity": identity_id, "source": "synthetic render 0"})
@@ -104,13 +93,13 @@ def evaluate(config: ml_collections.ConfigDict, p: Personalizer, scorer) -> tupl
         for row in ROWS:
             params, seconds = models[row]
             loss = float(loss_fn(params, pixels, prompt_ids, jax.random.PRNGKey(config.seed + 1000 + n)))
-            images = sample.sample(p.sd, params, [config.personalize.prompt] * len(seeds), seeds, num_steps=e.sample_steps,
-                                   guidance_scale=e.guidance_scale, batch_size=len(seeds), progress=False)
-            score = float(np.mean(scorer.similarity(images, reference)))
+            drawn = sample.sample(p.sd, params, [config.personalize.prompt] * len(seeds), seeds, num_steps=e.sample_steps,
+                                  guidance_scale=e.guidance_scale, batch_size=len(seeds), progress=False)
+            score = float(np.mean(scorer.similarity(drawn, reference)))
             per_row[row]["heldout_loss"].append(loss)
             per_row[row]["identity_score"].append(score)
             per_row[row]["seconds"].append(seconds)
-            row_images.extend(images[: e.samples_per_row])
+            row_images.extend(drawn[: e.samples_per_row])
         grid.append(np.stack(row_images))
         bar.update(1)
     bar.close()
@@ -124,8 +113,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     scorer = identity_lib.load(config.eval.identity_encoder or None)
-    times = run_stages(config)
-    sd, params = loading.load_pretrained(config.personalize.model.source)
+    sd, params = build.base_model(config.personalize.model)  # the one load of the base model
+    times = run_stages(config, sd, params)
     p = Personalizer.load(config.personalize, sd=sd, params=params)
     t = time.perf_counter()
     compile_s = p.compile()
@@ -137,7 +126,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                                                                                      for k in ("heldout_loss", "identity_score")}}
             for r, v in per_row.items()]
     cols = 1 + len(ROWS) * config.eval.samples_per_row
-    grid_path = sample.save_grid(grid, workdir / "grid.png", cols=cols)
+    grid_path = images.save_grid(grid, workdir / "grid.png", cols=cols)
     hyper_heldout = Path(config.hypernet.workdir) / "heldout.json"
     report = {
         "rows": rows,

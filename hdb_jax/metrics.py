@@ -1,117 +1,85 @@
-"""Scalar metrics: TensorBoard event files written on process 0, and a progress bar.
+"""Metric writing and progress bars for every training job.
 
-The event writer needs no TensorFlow: an event file is a sequence of TFRecord frames (length,
-masked CRC-32C of the length, payload, masked CRC-32C of the payload) whose payloads are
-``Event`` protocol buffers; the few fields we use (wall time, step, a scalar ``Summary.Value``)
-are encoded by hand below. TensorBoard reads the files as usual.
+:class:`Writer` is the one metric interface the jobs use: scalars, images, text and
+hyperparameters, then ``flush``/``close``. It writes TensorBoard event files through
+tensorboardX on process 0 and does nothing on the other processes, so multi-host jobs call it
+unconditionally. :func:`progress` is the matching tqdm bar (also process 0 only).
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import struct
-import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
+def _scalar(value: Any) -> float:
+    return float(np.asarray(value))
 
 
-_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as TFRecord framing uses."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
-
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-    return _varint((number << 3) | wire_type) + payload
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _field(number, 2, _varint(len(payload)) + payload)
-
-
-def encode_event(step: int, wall_time: float, scalars: Mapping[str, float] | None = None, file_version: str | None = None) -> bytes:
-    """An ``Event`` proto: wall_time=1 (double), step=2 (int64), file_version=3, summary=5."""
-    out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        out += _length_delimited(3, file_version.encode())
-    if scalars:
-        values = b"".join(
-            _length_delimited(1, _length_delimited(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
-            for tag, v in scalars.items()
-        )
-        out += _length_delimited(5, values)
-    return out
-
-
-class EventWriter:
-    """Appends scalar summaries to a TensorBoard event file; a no-op on processes other than 0.
+class Writer:
+    """TensorBoard metrics of one run (process 0 only).
 
     Args:
-      logdir: directory for the ``events.out.tfevents.*`` file.
+      logdir: the run's event directory (created on first use).
+      active: write at all; default: this is process 0.
     """
 
-    def __init__(self, logdir: str | os.PathLike):
-        self.active = jax.process_index() == 0
-        self._file = None
+    def __init__(self, logdir: str | os.PathLike, *, active: bool | None = None):
+        self.logdir = os.fspath(logdir)
+        self.active = jax.process_index() == 0 if active is None else bool(active)
+        self._writer = None
         if self.active:
-            os.makedirs(logdir, exist_ok=True)
-            name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-            self.path = os.path.join(os.fspath(logdir), name)
-            self._file = open(self.path, "ab")
-            self._write(encode_event(0, time.time(), file_version="brain.Event:2"))
+            from tensorboardX import SummaryWriter
 
-    def _write(self, payload: bytes) -> None:
-        header = struct.pack("<Q", len(payload))
-        self._file.write(header + struct.pack("<I", _masked_crc(header)))
-        self._file.write(payload + struct.pack("<I", _masked_crc(payload)))
+            self._writer = SummaryWriter(logdir=self.logdir, flush_secs=30)
 
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        """Writes one scalar per tag at ``step`` (values are fetched to host here)."""
-        if self.active:
-            host = {k: float(np.asarray(v)) for k, v in values.items()}
-            self._write(encode_event(int(step), time.time(), host))
-            self._file.flush()
+    def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        """One scalar per tag at ``step`` (device values are fetched here)."""
+        if self._writer is not None:
+            for tag, value in values.items():
+                self._writer.add_scalar(tag, _scalar(value), int(step))
+
+    def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """uint8 images ``[H, W, 3]`` (e.g. a sample grid from :func:`hdb_jax.images.grid`) per tag."""
+        if self._writer is not None:
+            for tag, image in images.items():
+                image = np.asarray(image)
+                if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                    raise ValueError(f"image '{tag}': expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
+                self._writer.add_image(tag, image, int(step), dataformats="HWC")
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        """A Markdown text summary (a config, a table) at ``step``."""
+        if self._writer is not None:
+            self._writer.add_text(tag, text, int(step))
+
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+        """The run's hyperparameters with its final metrics, for TensorBoard's HParams tab.
+
+        Values that are not bool/int/float/str are written as their string.
+        """
+        if self._writer is not None:
+            clean = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+            self._writer.add_hparams(clean, {k: _scalar(v) for k, v in metrics.items()}, name="hparams")
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def progress(total: int, initial: int = 0, desc: str = "train"):

@@ -34,11 +34,12 @@ import numpy as np
 import optax
 
 from hdb_jax import adapters as A
-from hdb_jax import export, relax
+from hdb_jax import build, export, images, personal, relax
 from hdb_jax.data import folder
 from hdb_jax.hypernet import bundle as bundle_lib
 from hdb_jax.hypernet.encoder import resize_images
 from hdb_jax.sd import loading, model
+from hdb_jax.sd.fingerprint import params_fingerprint
 
 STAGES = ("load", "compile", "hypernet", "finetune", "export")
 
@@ -87,11 +88,11 @@ class Personalizer:
         """Loads the base model (unless given) and the bundle in ``config.hypernet``; checks they fit."""
         if sd is None:
             bundle_lib.read_meta(config.hypernet)  # a missing bundle fails before the model loads
-            sd, params = loading.load_pretrained(config.model.source)
-        fingerprint = model.params_fingerprint(params)
+            sd, params = build.base_model(config.model)
+        fingerprint = params_fingerprint(params)
         bundle = bundle_lib.load(config.hypernet, jax.eval_shape(lambda: params), base_fingerprint=fingerprint)
         r = config.relax
-        optimizer = optax.chain(optax.clip_by_global_norm(r.grad_clip), optax.adamw(r.learning_rate, weight_decay=r.weight_decay))
+        optimizer = build.optimizer(dict(learning_rate=r.learning_rate, weight_decay=r.weight_decay, grad_clip=r.grad_clip))
         adapters = {c: A.Adapter(A.LoRA(rank=r.rank, alpha=r.alpha or None), a.targets, c) for c, a in bundle.adapters.items()}
         finetune = relax.make_finetune(sd, adapters, optimizer, batch_size=r.batch_size, flip=r.flip, shift=r.shift)
         ids = np.asarray(sd.tokenize([config.prompt]))[0]
@@ -120,7 +121,7 @@ class Personalizer:
         """uint8 ``[H, W, 3]`` -> the predicted LiDB trainable tree (one identity, no batch axis)."""
         if self._predict is None:
             self.compile()
-        pixels = jnp.asarray(image[None].astype(np.float32) / 127.5 - 1.0)
+        pixels = jnp.asarray(images.to_unit_range(image[None]))
         return jax.tree_util.tree_map(lambda x: x[0], self._predict(pixels))
 
     def relax(self, predicted: Mapping[str, Any], key: jax.Array) -> relax.Relaxed:
@@ -139,9 +140,9 @@ class Personalizer:
         k_init, k_run = jax.random.split(key)
         relaxed = self.relax(predicted, k_init)
         state = relax.init_state(relaxed, self.optimizer)
-        pixels = jnp.asarray(image.astype(np.float32) / 127.5 - 1.0)
+        pixels = jnp.asarray(images.to_unit_range(image))
         state, losses = self._run(state, relaxed.frozen, pixels, jnp.asarray(self.input_ids), k_run)
-        adapters, tree = relax.fold(relaxed, self.bundle.adapters, self.bundle.basis, predicted, state["trainable"])
+        adapters, tree = relax.fold(relaxed, state["trainable"])
         return adapters, tree, np.asarray(losses)
 
     def export(self, out: str | os.PathLike, adapters: Mapping[str, A.Adapter], tree: Mapping[str, Any],
@@ -150,10 +151,10 @@ class Personalizer:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         tree = jax.device_get(tree)
-        personal = export.save_personal(out / "personal.safetensors", adapters, tree, base_fingerprint=self.fingerprint,
-                                        extra=extra)
+        written = personal.save_personal(out / "personal.safetensors", adapters, tree, base_fingerprint=self.fingerprint,
+                                         extra=extra)
         lora = export.export_lora(out / "lora", adapters, tree)
-        return {"personal": os.fspath(personal), "lora": os.fspath(lora.path)}
+        return {"personal": os.fspath(written), "lora": os.fspath(lora.path)}
 
 
 def personalize(config: ml_collections.ConfigDict, image_path: str, out: str) -> dict:

@@ -42,12 +42,17 @@ class Relaxed:
         params with the prediction merged in for ``fresh``; the base params for ``svd``).
       adapters: ``{component: Adapter}`` of kind ``LoRA`` on the LiDB adapters' targets.
       trainable: the initial LoRA trees ``{component: {path: {"down", "up"}}}``.
+      lidb_adapters, basis, predicted: the LiDB prediction it starts from (what :func:`fold`
+        adds back for ``fresh``).
     """
 
     variant: str
     frozen_params: dict
     adapters: dict[str, A.Adapter]
     trainable: Trees
+    lidb_adapters: dict[str, A.Adapter]
+    basis: Mapping[str, Tree]
+    predicted: Mapping[str, Tree]
 
     @property
     def frozen(self) -> dict:
@@ -151,13 +156,13 @@ def relax(
         frozen_params = dict(base_params)
         for c, lidb in lidb_adapters.items():
             frozen_params[c] = lidb.merge(base_params[c], predicted[c], basis[c])
-        return Relaxed(variant, frozen_params, adapters, trainable)
+        return Relaxed(variant, frozen_params, adapters, trainable, dict(lidb_adapters), basis, predicted)
 
     for c, lidb in lidb_adapters.items():
         for path in lidb.paths:
             down, up = lidb.kind.factors(predicted[c][path], basis[c][path])
             trainable[c][path] = _lora_holding(kind, trainable[c][path], down, up)
-    return Relaxed(variant, dict(base_params), adapters, trainable)
+    return Relaxed(variant, dict(base_params), adapters, trainable, dict(lidb_adapters), basis, predicted)
 
 
 def init_state(relaxed: Relaxed, optimizer: optax.GradientTransformation) -> dict:
@@ -258,13 +263,7 @@ def make_finetune(
     )
 
 
-def fold(
-    relaxed: Relaxed,
-    lidb_adapters: Mapping[str, A.Adapter],
-    basis: Mapping[str, Tree],
-    predicted: Mapping[str, Tree],
-    trainable: Mapping[str, Tree],
-) -> tuple[dict[str, A.Adapter], Trees]:
+def fold(relaxed: Relaxed, trainable: Mapping[str, Tree]) -> tuple[dict[str, A.Adapter], Trees]:
     """The personal model as one LoRA per component, relative to the base params.
 
     ``svd``: the finetuned LoRA itself (it already trains on the base params). ``fresh``: the
@@ -274,8 +273,7 @@ def fold(
     and ``B_train·B_aux`` (up): ``ΔW = s·down·up + A_aux·A_train·B_train·B_aux`` exactly.
 
     Args:
-      relaxed: what :func:`relax` returned.
-      lidb_adapters, basis, predicted: the inputs given to :func:`relax`.
+      relaxed: what :func:`relax` returned (it carries the prediction and its bases).
       trainable: the finetuned LoRA trees (``state["trainable"]``).
 
     Returns:
@@ -286,12 +284,12 @@ def fold(
         return dict(relaxed.adapters), {c: dict(t) for c, t in trainable.items()}
     adapters, trees = {}, {}
     for c, lora in relaxed.adapters.items():
-        lidb = lidb_adapters[c]
+        lidb = relaxed.lidb_adapters[c]
         kind = A.LoRA(rank=lora.kind.rank + lidb.kind.rank, alpha=None)
         root = lora.kind.scale**0.5
         trees[c] = {}
         for path in lora.paths:
-            down, up = lidb.kind.factors(predicted[c][path], basis[c][path])
+            down, up = lidb.kind.factors(relaxed.predicted[c][path], relaxed.basis[c][path])
             p = trainable[c][path]
             trees[c][path] = {
                 "down": jnp.concatenate([root * p["down"], down], axis=1),

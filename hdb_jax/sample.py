@@ -8,8 +8,8 @@ unconditional halves as one batch of 2B, combines them as
 ``ε = ε_u + g · (ε_c − ε_u)`` and takes one step of diffusers' Flax DDIM or DPM-Solver++
 scheduler. The VAE decodes the result in the same program.
 
-Personal weights are merged into the base parameters before sampling (see
-:func:`merged_params`), so the sampler itself knows nothing about adapters.
+Personal weights are merged into the base parameters before sampling
+(:func:`hdb_jax.adapters.merge_all`), so the sampler itself knows nothing about adapters.
 
 Command line::
 
@@ -26,7 +26,6 @@ import argparse
 import functools
 import inspect
 import itertools
-import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hdb_jax.images import save_grid, save_images, to_uint8
 from hdb_jax.sd import hf
 from hdb_jax.sd.model import StableDiffusion
 
@@ -182,12 +182,6 @@ def initial_latents(
     return noise * sched.create_state().init_noise_sigma
 
 
-def to_uint8(images) -> np.ndarray:
-    """Float NHWC images in [-1, 1] -> uint8 [0, 255]."""
-    scaled = (np.asarray(images, np.float32) + 1.0) * 127.5
-    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
-
-
 def sample(
     sd: StableDiffusion, params: Mapping[str, Any], prompts: Sequence[str], seeds: Sequence[int], *,
     negative_prompt: str = "", scheduler: str = "ddim", num_steps: int = 25, guidance_scale: float = 7.5,
@@ -230,86 +224,6 @@ def sample(
     return np.concatenate(chunks, axis=0)
 
 
-def merged_params(
-    params: Mapping[str, Any], adapters: Mapping[str, Any], trainable: Mapping[str, Any],
-    frozen: Mapping[str, Any] | None = None, scale: float = 1.0,
-) -> dict:
-    """Base parameters with every component's adapter merged in (``W + scale · ΔW``).
-
-    Args:
-      params: ``{"unet", "vae", "text_encoder"}`` base parameters (left untouched).
-      adapters: ``{component: Adapter}``.
-      trainable: ``{component: trainable tree}``.
-      frozen: ``{component: frozen tree}`` (LiDB bases); missing components mean none.
-      scale: multiplies every update.
-
-    Returns:
-      A new parameter dict; components without an adapter are shared with ``params``.
-    """
-    frozen = frozen or {}
-    out = dict(params)
-    for component, adapter in adapters.items():
-        if component not in params:
-            raise KeyError(f"adapter for unknown component '{component}'; have {sorted(params)}")
-        if getattr(adapter, "component", component) != component:
-            raise ValueError(f"adapter keyed '{component}' targets '{adapter.component}'")
-        out[component] = adapter.merge(params[component], trainable[component], frozen.get(component), scale)
-    return out
-
-
-# -------------------------------------------------------------------- files
-def save_images(images: np.ndarray, directory, names: Sequence[str]) -> list[Path]:
-    """Writes each uint8 image [H, W, 3] of ``images`` as ``directory/name`` (PNG)."""
-    from PIL import Image
-
-    if len(names) != len(images):
-        raise ValueError(f"{len(images)} images but {len(names)} names")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for image, name in zip(images, names):
-        path = directory / (name if name.endswith(".png") else f"{name}.png")
-        Image.fromarray(np.asarray(image, np.uint8)).save(path)
-        paths.append(path)
-    return paths
-
-
-def save_grid(
-    images: np.ndarray, path, *, cols: int | None = None, labels: Sequence[str] | None = None,
-    label_height: int = 14,
-) -> Path:
-    """Writes uint8 images [N, H, W, 3] as one PNG grid, row-major.
-
-    Args:
-      images: uint8 [N, H, W, 3].
-      path: output file.
-      cols: images per row (default ``ceil(sqrt(N))``).
-      labels: optional caption per image, drawn in a strip under it.
-      label_height: height of that strip in pixels.
-
-    Returns:
-      The path written. Without labels the grid is ``rows·H x cols·W`` pixels.
-    """
-    from PIL import Image, ImageDraw
-
-    images = np.asarray(images, np.uint8)
-    n, h, w, _ = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    cell_h = h + (label_height if labels else 0)
-    grid = Image.new("RGB", (cols * w, rows * cell_h), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, image in enumerate(images):
-        x, y = (i % cols) * w, (i // cols) * cell_h
-        grid.paste(Image.fromarray(image), (x, y))
-        if labels:
-            draw.text((x + 1, y + h + 1), str(labels[i]), fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
-
-
 # -------------------------------------------------------------------- command line
 def _seeds(text: str) -> str:
     if not all(s.strip().lstrip("-").isdigit() for s in text.split(",") if s.strip()):
@@ -335,54 +249,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_model(source: str) -> tuple[StableDiffusion, dict]:
-    """``tiny`` (random weights from ``PRNGKey(0)``) or a diffusers-format directory / hub id."""
-    if source == "tiny":
-        from hdb_jax.sd import model
+    """``tiny`` (the tiny random model, :func:`hdb_jax.build.base_model`) or a diffusers-format directory."""
+    from hdb_jax import build
 
-        sd = model.tiny()
-        return sd, sd.init_params(jax.random.PRNGKey(0))
-    from hdb_jax.sd import loading
-
-    return loading.load_pretrained(source)
-
-
-def load_weights(path, params: Mapping[str, Any], basis_file=None) -> tuple[dict, dict, dict]:
-    """Reads a personal weights file for the base model ``params``.
-
-    Args:
-      path: a file written by ``hdb_jax.export.save_personal``.
-      params: the base parameters in use; their fingerprint must match the file's.
-      basis_file: the LiDB basis file (``hdb_jax.adapters.basis``); required for LiDB adapters.
-
-    Returns:
-      ``(adapters, trainable, frozen)`` keyed by component, ready for :func:`merged_params`.
-
-    Raises:
-      hdb_jax.export.IncompatibleWeightsError: the file belongs to another base model or basis.
-      SystemExit: LiDB weights without a basis file, or a basis lacking one of their layers.
-    """
-    from hdb_jax import export  # imported only when personal weights are used
-    from hdb_jax.adapters import LiDB
-    from hdb_jax.adapters import basis as basis_io
-    from hdb_jax.sd.model import params_fingerprint
-
-    bases, digest = {}, None
-    if basis_file:
-        bases, meta = basis_io.load_basis(basis_file)
-        digest = meta["hash"]
-    personal = export.load_personal(path, base_fingerprint=params_fingerprint(params), basis_hash=digest)
-    frozen = {}
-    for component, adapter in personal.adapters.items():
-        if not isinstance(adapter.kind, LiDB):
-            continue
-        if not basis_file:
-            raise SystemExit(f"{path}: LiDB weights need the basis they were trained with (--basis FILE)")
-        names = {t.path: f"{component}.{t.path}" for t in adapter.targets}  # the trainer's keys
-        missing = [n for n in names.values() if n not in bases]
-        if missing:
-            raise SystemExit(f"{basis_file}: no basis for {len(missing)} layers, e.g. {missing[:2]}")
-        frozen[component] = {p: bases[n] for p, n in names.items()}
-    return personal.adapters, personal.trainable, frozen
+    return build.base_model({"source": source, "resolution": 32})
 
 
 def main(argv=None) -> list[Path]:
@@ -393,7 +263,12 @@ def main(argv=None) -> list[Path]:
         raise SystemExit("--seeds is empty")
     sd, params = load_model(args.model)
     if args.weights:
-        params = merged_params(params, *load_weights(args.weights, params, args.basis))
+        from hdb_jax import adapters, personal
+
+        try:
+            params = adapters.merge_all(params, *personal.load_for_model(args.weights, params, args.basis))
+        except personal.PersonalWeightsError as err:
+            raise SystemExit(f"error: {err}") from err
     pairs = list(itertools.product(range(len(args.prompt)), seeds))  # prompt-major
     images = sample(
         sd, params, [args.prompt[i] for i, _ in pairs], [s for _, s in pairs],

@@ -17,7 +17,7 @@ JOBS: dict[str, str] = {
     "preopt": "hdb_jax.preopt:run",
     "hypernet": "hdb_jax.hypernet.train:run",
     "base_toy": "hdb_jax.toy.base:run",
-    "identity": "hdb_jax.toy.identity:train",
+    "identity": "hdb_jax.toy.identity_train:train",
     "demo": "hdb_jax.demo:run",
 }
 

@@ -13,9 +13,9 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_sd():
     """The tiny SD-family model (32 px images, 16x16 latents)."""
-    from hdb_jax.sd import model
+    from hdb_jax.sd import tiny as tiny_lib
 
-    return model.tiny()
+    return tiny_lib.tiny()
 
 
 @pytest.fixture(scope="session")
@@ -38,9 +38,20 @@ def tiny_model_dir(tmp_path_factory):
     pytest.importorskip("torch")
     from test_sd_reference import _write_pytorch_model
 
-    from hdb_jax.sd import model, vocab
+    from hdb_jax.sd import tiny as tiny_lib
+    from hdb_jax.sd import vocab
 
     root = tmp_path_factory.mktemp("tiny_pt_model")
     tokenizer = vocab.tiny_tokenizer()
-    _write_pytorch_model(root, model.tiny_configs(resolution=32, tokenizer=tokenizer), tokenizer)
+    _write_pytorch_model(root, tiny_lib.tiny_configs(resolution=32, tokenizer=tokenizer), tokenizer)
     return root
+
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(name: str, arg: str | None = None):
+    """``get_config(arg)`` of ``configs/<name>.py`` (the experiment configs are files, not a package)."""
+    from hdb_jax import config_lib
+
+    return config_lib.load(os.path.join(CONFIGS, f"{name}.py"), arg)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from hdb_jax import adapters as A
-from hdb_jax.sd import attention, hf, model
+from hdb_jax.sd import attention, hf
+from hdb_jax.sd import tiny as tiny_lib
 
 EXACT = ("xla", "chunked", "flash")
 CHUNK = 48  # 256 latent tokens: five full chunks and a padded one
@@ -68,7 +69,7 @@ def results(tiny_sd, tiny_params, unet_inputs, lora):
     out = {impl: (o, g) for i, impl in enumerate(impls) for (_, o), g in [step(trained, i)]}
     with jax.enable_x64(True):
         f64 = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), tree)  # noqa: E731
-        sd64 = dataclasses.replace(model.tiny(dtype=jnp.float64), attention="diffusers")
+        sd64 = dataclasses.replace(tiny_lib.tiny(dtype=jnp.float64), attention="diffusers")
         plain = lambda index, next_fun, args, kwargs, context: next_fun(*args, **kwargs)  # noqa: E731
         loss64 = _unet_loss(sd64, f64(tiny_params["unet"]), adapter, *f64((latents, timesteps, context, probe)), plain)
         (_, o64), g64 = jax.jit(jax.value_and_grad(loss64, has_aux=True))(f64(trained), 0)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from hdb_jax import demo, export
+from hdb_jax import demo, export, personal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ def test_reduced_demo_writes_the_four_ablation_rows(tmp_path):
     assert (workdir / "preopt" / "index.jsonl").read_text().count("\n") == 8
     assert (workdir / "hypernet" / "hypernet" / "hypernet.safetensors").is_file()
     ident = report["identities"][0]
-    personal = export.load_personal(workdir / "personal" / str(ident) / "personal.safetensors", base_fingerprint=None)
+    personal = personal.load_personal(workdir / "personal" / str(ident) / "personal.safetensors", base_fingerprint=None)
     assert personal.metadata["extra"]["identity"] == ident
     # Grid: one row per identity; reference + 2 seeds x 4 rows = 9 columns of 32 px.
     grid = np.asarray(Image.open(report["grid"]))

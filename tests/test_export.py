@@ -13,8 +13,12 @@ from safetensors.numpy import save_file
 
 from hdb_jax import adapters as A
 from hdb_jax import export as E
+from hdb_jax import personal as P
+from hdb_jax import tensorfile
 from hdb_jax.adapters import basis as B
 from hdb_jax.sd import model
+from hdb_jax.sd import tiny as tiny_lib
+from hdb_jax.sd.fingerprint import params_fingerprint
 
 needs_torch = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("torch", "peft")),
@@ -55,12 +59,12 @@ def personal(tiny_abstract):
                       "b_aux": rng.standard_normal((lidb.b, t.out_dim)).astype(np.float32)}
              for t in adapters["unet"].targets}
     base = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, s.dtype), tiny_abstract)
-    return adapters, _random_trainable(adapters, 1), B.basis_hash(bases), model.params_fingerprint(base)
+    return adapters, _random_trainable(adapters, 1), B.basis_hash(bases), params_fingerprint(base)
 
 
 def _save(personal, path, **kwargs):
     adapters, trainable, basis_hash, fingerprint = personal
-    return E.save_personal(path, adapters, trainable, base_fingerprint=fingerprint, basis_hash=basis_hash,
+    return P.save_personal(path, adapters, trainable, base_fingerprint=fingerprint, basis_hash=basis_hash,
                            **kwargs)
 
 
@@ -69,7 +73,7 @@ def test_personal_round_trip_is_bit_exact(personal, tmp_path):
     adapters, trainable, basis_hash, fingerprint = personal
     extra = {"steps": 400, "lr": 1e-3, "prompt": "a photo of sks face", "shape": np.array([2, 3])}
     path = _save(personal, tmp_path / "me.safetensors", extra=extra)
-    loaded = E.load_personal(path, base_fingerprint=fingerprint, basis_hash=basis_hash)
+    loaded = P.load_personal(path, base_fingerprint=fingerprint, basis_hash=basis_hash)
     assert loaded.adapters == adapters  # kinds, hyperparameters and targets, rebuilt from metadata alone
     assert jax.tree_util.tree_structure(loaded.trainable) == jax.tree_util.tree_structure(trainable)
     for got, want in zip(jax.tree_util.tree_leaves(loaded.trainable), jax.tree_util.tree_leaves(trainable)):
@@ -96,10 +100,10 @@ def test_personal_round_trip_is_bit_exact(personal, tmp_path):
     for i, target in enumerate(adapters["unet"].targets):  # rows follow the target list
         assert stacked[i].tobytes() == np.asarray(trainable["unet"][target.path]["a_train"]).tobytes()
     # Inspection without a base model skips the checks.
-    assert E.load_personal(path, base_fingerprint=None).adapters == adapters
+    assert P.load_personal(path, base_fingerprint=None).adapters == adapters
 
     half = _save(personal, tmp_path / "half.safetensors", dtype="float16")
-    loaded16 = E.load_personal(half, base_fingerprint=fingerprint, basis_hash=basis_hash)
+    loaded16 = P.load_personal(half, base_fingerprint=fingerprint, basis_hash=basis_hash)
     got = loaded16.trainable["text_encoder"][text_path]["down"]
     want = np.asarray(trainable["text_encoder"][text_path]["down"])
     np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32))
@@ -118,8 +122,8 @@ def test_lora_layout_depends_on_layer_widths(tiny_abstract, tmp_path):
     for adapter, layout in ((equal, "stacked"), (mixed, "per_layer")):
         adapters = {"text_encoder": adapter}
         trainable = _random_trainable(adapters, 8)
-        path = E.save_personal(tmp_path / f"{layout}.safetensors", adapters, trainable, base_fingerprint="f" * 16)
-        loaded = E.load_personal(path, base_fingerprint="f" * 16)
+        path = P.save_personal(tmp_path / f"{layout}.safetensors", adapters, trainable, base_fingerprint="f" * 16)
+        loaded = P.load_personal(path, base_fingerprint="f" * 16)
         assert loaded.metadata["layout"] == {"text_encoder": layout} and loaded.adapters == adapters
         _assert_same_factors(loaded.trainable, trainable)
         with safe_open(str(path), framework="numpy") as handle:
@@ -134,10 +138,10 @@ def test_version_1_files_still_load(personal, tmp_path):
     kinds = {c: {"kind": a.kind.name, "hparams": dataclasses.asdict(a.kind)} for c, a in adapters.items()}
     targets = {c: [[t.path, t.in_dim, t.out_dim, t.conv] for t in a.targets] for c, a in adapters.items()}
     metadata = {"format": "hdb_jax.personal", "format_version": "1", "dtype": "float32",
-                "content_hash": E.content_hash(tensors), "base_fingerprint": fingerprint,
+                "content_hash": tensorfile.content_hash(tensors), "base_fingerprint": fingerprint,
                 "basis_hash": basis_hash, "adapters": json.dumps(kinds), "targets": json.dumps(targets)}
     save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=metadata)
-    loaded = E.load_personal(tmp_path / "v1.safetensors", base_fingerprint=fingerprint, basis_hash=basis_hash)
+    loaded = P.load_personal(tmp_path / "v1.safetensors", base_fingerprint=fingerprint, basis_hash=basis_hash)
     assert loaded.adapters == adapters and loaded.metadata["format_version"] == 1
     assert loaded.metadata["layout"] == {"unet": "per_layer", "text_encoder": "per_layer"}
     assert loaded.metadata["targets"] == targets
@@ -152,17 +156,17 @@ def test_inconsistent_layout_is_refused(personal, tmp_path):
 
     def load(layout):
         save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "layout": json.dumps(layout)})
-        return E.load_personal(tmp_path / "bad.safetensors", base_fingerprint=fingerprint)
+        return P.load_personal(tmp_path / "bad.safetensors", base_fingerprint=fingerprint)
 
-    with pytest.raises(E.PersonalWeightsError, match="cannot be stacked"):  # LoRA layers of two widths
+    with pytest.raises(P.PersonalWeightsError, match="cannot be stacked"):  # LoRA layers of two widths
         load({"unet": "stacked", "text_encoder": "stacked"})
-    with pytest.raises(E.PersonalWeightsError, match="missing unet/"):  # stacked tensors, per-layer claim
+    with pytest.raises(P.PersonalWeightsError, match="missing unet/"):  # stacked tensors, per-layer claim
         load({"unet": "per_layer", "text_encoder": "per_layer"})
-    with pytest.raises(E.PersonalWeightsError, match="bad layout"):
+    with pytest.raises(P.PersonalWeightsError, match="bad layout"):
         load({"unet": "stacked"})
-    with pytest.raises(E.PersonalWeightsError, match="metadata 'targets_zlib' is missing or unreadable"):
+    with pytest.raises(P.PersonalWeightsError, match="metadata 'targets_zlib' is missing or unreadable"):
         save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "targets_zlib": "!!"})
-        E.load_personal(tmp_path / "bad.safetensors", base_fingerprint=fingerprint)
+        P.load_personal(tmp_path / "bad.safetensors", base_fingerprint=fingerprint)
 
 
 def test_personal_refuses_another_base_model_or_basis(personal, tmp_path):
@@ -170,17 +174,17 @@ def test_personal_refuses_another_base_model_or_basis(personal, tmp_path):
     path = _save(personal, tmp_path / "me.safetensors")
     other = "0123456789abcdef"
     where = re.escape(str(path))
-    with pytest.raises(E.IncompatibleWeightsError, match=rf"{where}: made for another base model "
+    with pytest.raises(P.IncompatibleWeightsError, match=rf"{where}: made for another base model "
                        rf"\(expected base fingerprint {other}, found {fingerprint}\)"):
-        E.load_personal(path, base_fingerprint=other, basis_hash=basis_hash)
-    with pytest.raises(E.IncompatibleWeightsError, match=rf"{where}: made for another LiDB basis "
+        P.load_personal(path, base_fingerprint=other, basis_hash=basis_hash)
+    with pytest.raises(P.IncompatibleWeightsError, match=rf"{where}: made for another LiDB basis "
                        rf"\(expected basis hash {other}, found {basis_hash}\)"):
-        E.load_personal(path, base_fingerprint=fingerprint, basis_hash=other)
+        P.load_personal(path, base_fingerprint=fingerprint, basis_hash=other)
     with pytest.raises(ValueError, match="need the basis hash"):
-        E.save_personal(tmp_path / "x.safetensors", adapters, trainable, base_fingerprint=fingerprint)
+        P.save_personal(tmp_path / "x.safetensors", adapters, trainable, base_fingerprint=fingerprint)
     batched = {c: A.broadcast_batch(t, 2) for c, t in trainable.items()}
     with pytest.raises(ValueError, match="per-sample trees carry a batch axis"):
-        E.save_personal(tmp_path / "x.safetensors", adapters, batched, base_fingerprint=fingerprint,
+        P.save_personal(tmp_path / "x.safetensors", adapters, batched, base_fingerprint=fingerprint,
                         basis_hash=basis_hash)
 
 
@@ -190,22 +194,22 @@ def test_corrupt_and_foreign_files_are_named(personal, tmp_path):
 
     def load(name, content):
         (tmp_path / name).write_bytes(bytes(content))
-        return E.load_personal(tmp_path / name, base_fingerprint=fingerprint)
+        return P.load_personal(tmp_path / name, base_fingerprint=fingerprint)
 
     unreadable = r"\.safetensors: not a readable safetensors file"
-    with pytest.raises(E.PersonalWeightsError, match="garbage" + unreadable):
+    with pytest.raises(P.PersonalWeightsError, match="garbage" + unreadable):
         load("garbage.safetensors", b"definitely not safetensors")
-    with pytest.raises(E.PersonalWeightsError, match="truncated" + unreadable):
+    with pytest.raises(P.PersonalWeightsError, match="truncated" + unreadable):
         load("truncated.safetensors", data[: len(data) // 2])
     flipped = bytearray(data)
     flipped[-3] ^= 0x40  # one bit of the last tensor's payload
-    with pytest.raises(E.PersonalWeightsError, match=r"flipped.safetensors: tensors hash to .* corrupt"):
+    with pytest.raises(P.PersonalWeightsError, match=r"flipped.safetensors: tensors hash to .* corrupt"):
         load("flipped.safetensors", flipped)
-    with pytest.raises(E.PersonalWeightsError, match=r"personal weights file not found: .*nope.safetensors"):
-        E.load_personal(tmp_path / "nope.safetensors", base_fingerprint=None)
+    with pytest.raises(P.PersonalWeightsError, match=r"personal weights file not found: .*nope.safetensors"):
+        P.load_personal(tmp_path / "nope.safetensors", base_fingerprint=None)
     lora = E.export_lora(tmp_path / "lora", {"text_encoder": adapters["text_encoder"]}, trainable)
-    with pytest.raises(E.PersonalWeightsError, match=r"lora_weights.safetensors: format 'pt', expected"):
-        E.load_personal(lora.path, base_fingerprint=None)
+    with pytest.raises(P.PersonalWeightsError, match=r"lora_weights.safetensors: format 'pt', expected"):
+        P.load_personal(lora.path, base_fingerprint=None)
 
 
 def test_sd15_lidb_file_is_about_105_kb(tmp_path):
@@ -219,7 +223,7 @@ def test_sd15_lidb_file_is_about_105_kb(tmp_path):
     trainable = {c: jax.tree_util.tree_map(zeros, jax.eval_shape(a.init, jax.random.PRNGKey(0)))
                  for c, a in adapters.items()}
     assert sum(len(a.targets) for a in adapters.values()) == 176
-    path = E.save_personal(tmp_path / "sd15.safetensors", adapters, trainable,
+    path = P.save_personal(tmp_path / "sd15.safetensors", adapters, trainable,
                            base_fingerprint="0" * 16, basis_hash="1" * 16, extra={"steps": 400})
     payload = 176 * (100 + 50) * 4
     assert payload == 105_600
@@ -233,7 +237,7 @@ def test_sd15_lidb_file_is_about_105_kb(tmp_path):
         assert sorted(handle.keys()) == ["text_encoder/a_train", "text_encoder/b_train",
                                          "unet/a_train", "unet/b_train"]
         assert handle.get_tensor("unet/a_train").shape == (128, 100, 1)
-    assert E.load_personal(path, base_fingerprint="0" * 16, basis_hash="1" * 16).adapters == adapters
+    assert P.load_personal(path, base_fingerprint="0" * 16, basis_hash="1" * 16).adapters == adapters
 
 
 # -------------------------------------------------------------------- LoRA export vs PyTorch
@@ -246,7 +250,7 @@ def reference(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export_model")
     tokenizer = vocab.tiny_tokenizer()
-    _write_pytorch_model(root, model.tiny_configs(resolution=32, tokenizer=tokenizer), tokenizer)
+    _write_pytorch_model(root, tiny_lib.tiny_configs(resolution=32, tokenizer=tokenizer), tokenizer)
     sd, params = loading.load_pretrained(root)
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)

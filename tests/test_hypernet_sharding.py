@@ -9,34 +9,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config
 from jax.sharding import PartitionSpec as P
 
-from hdb_jax import checkpoint, sharding
+from hdb_jax import build, checkpoint, sharding
 from hdb_jax.hypernet import train as ht
 from hdb_jax.hypernet.model import split_params
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import hypernet as hypernet_config  # noqa: E402  (configs/hypernet.py)
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
 
 @pytest.fixture(scope="module")
 def parts(tiny_sd, tiny_params):
-    config = hypernet_config.get_config("tiny")
+    config = load_config("hypernet", "tiny")
     config.batch_size = 8
-    adapters = ht.build_adapters(config, tiny_params)
+    adapters = build.adapters(config.adapter, tiny_params)
     net, init = ht._hypernet(config, adapters)
-    optimizer = ht.make_optimizer(config)
+    optimizer = build.optimizer(config.optim, config.steps)
     trainable, frozen_h = split_params(net, init(jax.random.PRNGKey(0)))
     basis = {c: a.basis(jax.random.PRNGKey(1)) for c, a in adapters.items()}
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
-    frozen = {"sd": tiny_params, "basis": basis, "hyper": frozen_h}
+    frozen = {"params": tiny_params, "basis": basis, "hyper": frozen_h}
     rng = np.random.default_rng(0)
     n_tok = len(ht.dec.token_layout(adapters))
     batch = {
         "images": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
+        "targets": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
         "input_ids": np.stack([tiny_sd.tokenize(["a sks face"])[0]] * 8),
         "target_tokens": rng.normal(0, 0.01, (8, n_tok, 24)).astype(np.float32),
         "has_target": np.array([1, 1, 1, 1, 0, 0, 1, 1], np.float32),
@@ -72,7 +72,7 @@ def test_same_numbers_on_every_mesh(parts):
         assert batch["images"].sharding.spec == P(tuple(axes))
         if "fsdp" in axes:
             specs = sharding.describe(state["trainable"])
-            specs.update({"sd/" + k: v for k, v in sharding.describe(frozen["sd"]).items()})
+            specs.update({"sd/" + k: v for k, v in sharding.describe(frozen["params"]).items()})
             # FSDP splits each kernel's largest divisible dimension; biases stay replicated.
             assert specs["decoder/blocks_0/cross_attn/query/kernel"] == str(P("fsdp", None, None))
             assert specs["decoder/blocks_0/cross_attn/query/bias"] == str(P())

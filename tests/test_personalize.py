@@ -8,22 +8,24 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import load_config
 from PIL import Image
 from safetensors import safe_open
 
 from hdb_jax import adapters as A
+from hdb_jax import personal
 from hdb_jax import export, personalize
 from hdb_jax.adapters import basis as basis_io
 from hdb_jax.data import folder, synthetic
 from hdb_jax.hypernet import bundle as bundle_lib
 from hdb_jax.hypernet.model import build_hypernet
-from hdb_jax.sd import loading, model
+from hdb_jax.sd import loading
+from hdb_jax.sd import tiny as tiny_lib
+from hdb_jax.sd.fingerprint import params_fingerprint
 from hdb_jax.toy import base_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
-import personalize as personalize_config  # noqa: E402  (configs/personalize.py)
 
 ARCH = dict(encoder="tiny", iterations=2, mode="cross", num_blocks=1, num_heads=2, width=0, train_encoder=False)
 PATTERNS = {"unet": [A.PATTERNS["unet_attention"]], "text_encoder": [A.PATTERNS["text_attention"]]}
@@ -39,7 +41,7 @@ def write_bundle(directory, params, *, patterns=PATTERNS, fingerprint=None):
     basis_file = os.path.join(directory, "source_basis.safetensors")
     _, digest = basis_io.load_or_create(basis_file, adapters, jax.random.PRNGKey(1))
     return bundle_lib.save(directory, net, init(jax.random.PRNGKey(2)), patterns=patterns, arch=ARCH,
-                           base_fingerprint=fingerprint or model.params_fingerprint(params), basis_file=basis_file,
+                           base_fingerprint=fingerprint or params_fingerprint(params), basis_file=basis_file,
                            basis_hash=digest)
 
 
@@ -63,7 +65,7 @@ def face_png(tmp_path_factory):
 
 def test_bundle_round_trip_and_refusals(toy, bundle_dir, tmp_path):
     sd, params = toy
-    fp = model.params_fingerprint(params)
+    fp = params_fingerprint(params)
     loaded = bundle_lib.load(bundle_dir, jax.eval_shape(lambda: params), base_fingerprint=fp)
     n_layers = sum(len(a.targets) for a in loaded.adapters.values())
     assert len(loaded.meta["layout"]) == n_layers
@@ -81,7 +83,7 @@ def test_bundle_round_trip_and_refusals(toy, bundle_dir, tmp_path):
     assert "0123456789abcdef" in str(err.value)
 
     # Another adapter layout: a bundle for UNet attention only, on a model with other blocks.
-    other = model.tiny(resolution=32, unet_channels=(32, 32, 64, 64))
+    other = tiny_lib.tiny(resolution=32, unet_channels=(32, 32, 64, 64))
     other_params = other.random_params(jax.random.PRNGKey(0))
     unet_only = write_bundle(tmp_path / "unet_only", other_params, patterns={"unet": PATTERNS["unet"]})
     with pytest.raises(bundle_lib.BundleError, match="weight tokens|adapter layout"):
@@ -119,7 +121,7 @@ def test_cli_writes_both_files_and_reuses_the_compile_cache(toy, bundle_dir, fac
     assert len(first["losses"]) == 3 and all(np.isfinite(first["losses"]))
 
     # Our file: a LoRA of rank 4 + 1 (relaxed LoRA + the folded rank-1 prediction) tied to this base model.
-    personal = export.load_personal(tmp_path / "first" / "personal.safetensors", base_fingerprint=model.params_fingerprint(params))
+    personal = personal.load_personal(tmp_path / "first" / "personal.safetensors", base_fingerprint=params_fingerprint(params))
     assert {a.kind.rank for a in personal.adapters.values()} == {5}
     # The standard file: lora_A / lora_B for every adapted layer, as diffusers' loader expects.
     lora_file = tmp_path / "first" / "lora" / export.LORA_WEIGHT_NAME
@@ -128,7 +130,7 @@ def test_cli_writes_both_files_and_reuses_the_compile_cache(toy, bundle_dir, fac
     n_layers = sum(len(a.targets) for a in personal.adapters.values())
     assert sum(k.endswith("lora_A.weight") for k in keys) == sum(k.endswith("lora_B.weight") for k in keys) == n_layers
     # Same seed, same photo, same program: the two runs agree.
-    again = export.load_personal(tmp_path / "second" / "personal.safetensors", base_fingerprint=None)
+    again = personal.load_personal(tmp_path / "second" / "personal.safetensors", base_fingerprint=None)
     for c in personal.trainable:
         for path, factors in personal.trainable[c].items():
             for name, x in factors.items():
@@ -137,7 +139,7 @@ def test_cli_writes_both_files_and_reuses_the_compile_cache(toy, bundle_dir, fac
 
 @pytest.mark.parametrize("case", ["not_an_image", "corrupt", "tiny", "huge"])
 def test_bad_photos_fail_before_any_weights_load(case, tmp_path, face_png):
-    config = personalize_config.get_config()
+    config = load_config("personalize")
     config.hypernet = os.fspath(tmp_path / "no_bundle_here")  # would fail later: the photo must fail first
     config.compile_cache = ""
     path = tmp_path / "photo.png"
@@ -160,7 +162,7 @@ def test_bad_photos_fail_before_any_weights_load(case, tmp_path, face_png):
 
 
 def test_missing_bundle_is_named(tmp_path, face_png):
-    config = personalize_config.get_config()
+    config = load_config("personalize")
     config.hypernet = os.fspath(tmp_path / "nowhere")
     config.compile_cache = ""
     with pytest.raises(bundle_lib.BundleError, match="nowhere"):

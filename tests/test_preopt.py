@@ -10,14 +10,15 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from hdb_jax import preopt
+from hdb_jax import build
+from hdb_jax.data import weights
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def test_clipping_is_per_identity():
     grads = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}  # identity norms 5 and 0.5
-    clipped, _ = preopt.clip_per_identity(1.0).update(grads, None)
+    clipped, _ = build.clip_per_row(1.0).update(grads, None)
     np.testing.assert_allclose(clipped["w"], [[0.6, 0.8], [0.3, 0.4]], rtol=1e-6)
 
 
@@ -52,9 +53,9 @@ def test_preopt_kill_resume_every_identity_once(tmp_path, tiny_model_dir):
         assert row["final_loss"] < row["loss_before"], row
     assert not list(workdir.glob("*.tmp"))
 
-    loaded_rows, weights = preopt.load_weights(str(workdir))
+    loaded_rows, trees = weights.load(workdir)
     assert [r["identity"] for r in loaded_rows] == [r["identity"] for r in rows]
-    b_train = [v for k, v in weights.items() if k.endswith("b_train")]
+    b_train = [f["b_train"] for tree in trees.values() for f in tree.values()]
     assert b_train and all(v.shape[0] == 4 and np.abs(v).max() > 0 for v in b_train)
     # Each chunk keeps its own file, and every identity's row holds its own weights.
     assert len({r["chunk"] for r in rows}) == 2 and len({(r["chunk"], r["row"]) for r in rows}) == 4

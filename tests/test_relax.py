@@ -201,7 +201,7 @@ def test_each_program_is_traced_once(relaxed, finetune, stepped, ran, image, inp
 def test_fold_is_exact(variant, tiny_params, lidb, relaxed, ran, forward, tmp_path):
     adapters, basis, predicted, _ = lidb
     r, trained = relaxed[variant], ran[variant][0]
-    folded, trees = relax.fold(r, adapters, basis, predicted, trained)
+    folded, trees = relax.fold(r, trained)
     rank = LORA_RANK + (LIDB.rank if variant == "fresh" else 0)
     assert all(a.kind.rank == rank and a.targets == adapters[c].targets for c, a in folded.items())
     merged = dict(tiny_params)

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from hdb_jax import adapters as A
+from hdb_jax import images as images_lib
 from hdb_jax import sample as S
 
 STEPS = 2
@@ -213,17 +214,17 @@ def test_sample_pads_batches_and_merged_lora_changes_images(tiny_sd, tiny_params
     assert len({im.tobytes() for im in base}) == 4
     fn = S.make_sampler(tiny_sd, num_steps=STEPS, guidance_scale=G)
     direct = fn(tiny_params, *ids, S.initial_latents(tiny_sd, seeds[:3]))
-    np.testing.assert_array_equal(base[:3], S.to_uint8(direct))
+    np.testing.assert_array_equal(base[:3], images_lib.to_uint8(direct))
     single = S.sample(tiny_sd, tiny_params, prompts[2:3], seeds[2:3], **kw)
     np.testing.assert_array_equal(single[0], base[2])  # padded to the same program
 
     adapter = A.Adapter.create(A.LoRA(rank=2), tiny_params["unet"], [A.PATTERNS["unet_attention"]], "unet")
     zero = adapter.init(jax.random.PRNGKey(0))  # up = 0: ΔW = 0
-    merged = S.merged_params(tiny_params, {"unet": adapter}, {"unet": zero}, {})
+    merged = A.merge_all(tiny_params, {"unet": adapter}, {"unet": zero}, {})
     np.testing.assert_array_equal(S.sample(tiny_sd, merged, prompts, seeds, **kw), base)
     keys = iter(jax.random.split(jax.random.PRNGKey(1), 1000))
     rand = jax.tree_util.tree_map(lambda p: 0.5 * jax.random.normal(next(keys), p.shape), zero)
-    merged = S.merged_params(tiny_params, {"unet": adapter}, {"unet": rand}, {})
+    merged = A.merge_all(tiny_params, {"unet": adapter}, {"unet": rand}, {})
     assert merged["vae"] is tiny_params["vae"] and merged["unet"] is not tiny_params["unet"]
     personal = S.sample(tiny_sd, merged, prompts, seeds, **kw)
     assert (np.abs(personal.astype(int) - base).max(axis=(1, 2, 3)) > 10).all()
@@ -231,9 +232,9 @@ def test_sample_pads_batches_and_merged_lora_changes_images(tiny_sd, tiny_params
 
 def test_cli_weights_lidb_and_lora(tiny_sd, tiny_params, tmp_path, monkeypatch):
     """--weights/--basis through ``main`` in-process (the tiny model swapped for the fixture)."""
-    from hdb_jax import export
+    from hdb_jax import personal
     from hdb_jax.adapters import basis as basis_io
-    from hdb_jax.sd.model import params_fingerprint
+    from hdb_jax.sd.fingerprint import params_fingerprint
 
     def create(kind, component, pattern):
         return A.Adapter.create(kind, tiny_params[component], [A.PATTERNS[pattern]], component)
@@ -247,7 +248,7 @@ def test_cli_weights_lidb_and_lora(tiny_sd, tiny_params, tmp_path, monkeypatch):
     basis_file = tmp_path / "basis.safetensors"
     digest = basis_io.save_basis(basis_file, {f"unet.{p}": {k: np.asarray(v) for k, v in f.items()}
                                               for p, f in bases.items()})
-    weights = export.save_personal(tmp_path / "me.safetensors", adapters, trainable,
+    weights = personal.save_personal(tmp_path / "me.safetensors", adapters, trainable,
                                    base_fingerprint=params_fingerprint(tiny_params), basis_hash=digest)
 
     monkeypatch.setattr(S, "load_model", lambda source: (tiny_sd, tiny_params))
@@ -257,9 +258,9 @@ def test_cli_weights_lidb_and_lora(tiny_sd, tiny_params, tmp_path, monkeypatch):
             "--out", str(out)])
     written = np.stack([np.asarray(Image.open(out / f"p0_s{s}.png")) for s in range(3)])
 
-    loaded = S.load_weights(weights, tiny_params, basis_file)
-    merged = S.merged_params(tiny_params, *loaded)
-    direct = S.merged_params(tiny_params, adapters, trainable, {"unet": bases})
+    loaded = personal.load_for_model(weights, tiny_params, basis_file)
+    merged = A.merge_all(tiny_params, *loaded)
+    direct = A.merge_all(tiny_params, adapters, trainable, {"unet": bases})
     for c in adapters:
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), merged[c], direct[c])
     kw = dict(num_steps=STEPS, guidance_scale=G, batch_size=3, progress=False)
@@ -267,20 +268,20 @@ def test_cli_weights_lidb_and_lora(tiny_sd, tiny_params, tmp_path, monkeypatch):
     base = S.sample(tiny_sd, tiny_params, [PROMPTS[0]] * 3, [0, 1, 2], **kw)
     assert (np.abs(written.astype(int) - base).max(axis=(1, 2, 3)) > 10).all()
 
-    with pytest.raises(export.IncompatibleWeightsError):  # another base model
-        S.load_weights(weights, jax.tree_util.tree_map(lambda p: p + 1.0, tiny_params), basis_file)
-    with pytest.raises(SystemExit, match="--basis"):
-        S.load_weights(weights, tiny_params)
+    with pytest.raises(personal.IncompatibleWeightsError):  # another base model
+        personal.load_for_model(weights, jax.tree_util.tree_map(lambda p: p + 1.0, tiny_params), basis_file)
+    with pytest.raises(personal.PersonalWeightsError, match="--basis"):
+        personal.load_for_model(weights, tiny_params)
 
 
 def test_save_grid_and_images(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 6, 3), dtype=np.uint8)
-    paths = S.save_images(images, tmp_path / "imgs", [f"im{i}" for i in range(5)])
+    paths = images_lib.save_images(images, tmp_path / "imgs", [f"im{i}" for i in range(5)])
     np.testing.assert_array_equal(np.asarray(Image.open(paths[3])), images[3])
-    grid = np.asarray(Image.open(S.save_grid(images, tmp_path / "grid.png", cols=2)))
+    grid = np.asarray(Image.open(images_lib.save_grid(images, tmp_path / "grid.png", cols=2)))
     assert grid.shape == (3 * 8, 2 * 6, 3)
     np.testing.assert_array_equal(grid[8:16, 6:12], images[3])  # row-major placement
-    labelled = Image.open(S.save_grid(images, tmp_path / "lab.png", labels=list("abcde")))
+    labelled = Image.open(images_lib.save_grid(images, tmp_path / "lab.png", labels=list("abcde")))
     assert labelled.size == (3 * 6, 2 * (8 + 14))
 
 

@@ -60,10 +60,11 @@ _FLAX_SIDE = textwrap.dedent(
 
 
 def test_torch_free_loader_matches_pytorch(tmp_path):
-    from hdb_jax.sd import model, vocab
+    from hdb_jax.sd import tiny as tiny_lib
+    from hdb_jax.sd import vocab
 
     tokenizer = vocab.tiny_tokenizer()
-    configs = model.tiny_configs(resolution=32, tokenizer=tokenizer)
+    configs = tiny_lib.tiny_configs(resolution=32, tokenizer=tokenizer)
     unet, vae, text = _write_pytorch_model(tmp_path / "model", configs, tokenizer)
 
     rng = np.random.default_rng(0)
@@ -106,11 +107,12 @@ def test_torch_free_loader_matches_pytorch(tmp_path):
 
 @pytest.fixture(scope="module")
 def written_model(tmp_path_factory):
-    from hdb_jax.sd import model, vocab
+    from hdb_jax.sd import tiny as tiny_lib
+    from hdb_jax.sd import vocab
 
     root = tmp_path_factory.mktemp("tiny_model")
     tokenizer = vocab.tiny_tokenizer()
-    _write_pytorch_model(root, model.tiny_configs(resolution=32, tokenizer=tokenizer), tokenizer)
+    _write_pytorch_model(root, tiny_lib.tiny_configs(resolution=32, tokenizer=tokenizer), tokenizer)
     return root
 
 
@@ -152,11 +154,12 @@ def test_bad_model_directories_are_named(written_model, tmp_path):
 
 
 def test_weights_of_another_base_model_are_refused(written_model, tmp_path):
-    from hdb_jax.sd import loading, model, vocab
+    from hdb_jax.sd import loading, vocab
+    from hdb_jax.sd import tiny as tiny_lib
 
     other = tmp_path / "other"
     tokenizer = vocab.tiny_tokenizer()
-    _write_pytorch_model(other, model.tiny_configs(resolution=32, unet_channels=(32, 96), tokenizer=tokenizer), tokenizer)
+    _write_pytorch_model(other, tiny_lib.tiny_configs(resolution=32, unet_channels=(32, 96), tokenizer=tokenizer), tokenizer)
     mixed = _copy(written_model, tmp_path / "mixed")
     (mixed / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(
         (other / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()

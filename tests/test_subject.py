@@ -89,9 +89,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     # Exports of the resumed run: personal weights (the checkpoint's values), LoRA file, grid.
     from PIL import Image
 
-    from hdb_jax import export
+    from hdb_jax import personal
 
-    personal = export.load_personal(tmp_path / "interrupted" / "personal.safetensors", base_fingerprint=None)
+    personal = personal.load_personal(tmp_path / "interrupted" / "personal.safetensors", base_fingerprint=None)
     assert personal.metadata["basis_hash"] and personal.metadata["extra"]["steps"] == steps
     for component, tree in personal.trainable.items():
         for path, factors in tree.items():

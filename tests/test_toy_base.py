@@ -3,9 +3,9 @@
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
+from conftest import load_config
 
 from hdb_jax import sample
 from hdb_jax.data import synthetic
@@ -14,9 +14,7 @@ from hdb_jax.toy import base, base_model_dir
 from hdb_jax.toy import identity as identity_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
-import base_toy  # noqa: E402  (configs/base_toy.py)
 
 SEEDS = list(range(8))
 PROMPTS = {
@@ -29,7 +27,7 @@ PROMPTS = {
 
 
 def test_recipe_lowers_its_loss_and_resumes(tmp_path):
-    config = base_toy.get_config("reduced")
+    config = load_config("base_toy", "reduced")
     config.workdir = os.fspath(tmp_path / "run")
     config.out_dir = ""
     config.stop_after = 8  # the first invocation stops (with a checkpoint) after 8 of 16 steps

@@ -8,20 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config
 
-from hdb_jax import subject
+from hdb_jax import build, subject
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import subject as subject_config  # noqa: E402  (configs/subject.py)
 
 
 def test_train_step_traces_once_and_keeps_base_frozen(tiny_sd, tiny_params):
-    config = subject_config.get_config("tiny,adapter=lidb")
-    adapters = subject.build_adapters(config, tiny_params)
+    config = load_config("subject", "tiny,adapter=lidb")
+    adapters = build.adapters(config.adapter, tiny_params)
     trainable = {c: a.init(jax.random.PRNGKey(0)) for c, a in adapters.items()}
     basis = {c: a.basis(jax.random.PRNGKey(1)) for c, a in adapters.items()}
-    optimizer = subject.make_optimizer(config)
+    optimizer = build.optimizer(config.optim, config.steps)
     step = subject.make_train_step(tiny_sd, adapters, optimizer)
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
     frozen = {"params": tiny_params, "basis": basis}
@@ -72,6 +71,6 @@ def test_unknown_config_key_is_named():
 
 def test_unknown_knob_and_kind_are_refused():
     with pytest.raises(ValueError, match=r"unknown config knobs \['tinny'\]"):
-        subject_config.get_config("tinny")
+        load_config("subject", "tinny")
     with pytest.raises(ValueError, match="adapter='dora'"):
-        subject_config.get_config("adapter=dora")
+        load_config("subject", "adapter=dora")

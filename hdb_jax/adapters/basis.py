@@ -12,14 +12,13 @@ File layout: one tensor per factor, named ``{path}/a_aux`` and ``{path}/b_aux``;
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Mapping
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
+
+from hdb_jax import tensorfile
 
 FORMAT = "hdb_jax.lidb_basis"
 Tree = Mapping[str, Mapping[str, np.ndarray]]
@@ -38,13 +37,8 @@ def _flatten(tree: Tree) -> dict[str, np.ndarray]:
 
 
 def basis_hash(tree: Tree) -> str:
-    """SHA-256 (hex, 16 chars) over names, dtypes, shapes and raw bytes, in sorted order."""
-    digest = hashlib.sha256()
-    for name, array in sorted(_flatten(tree).items()):
-        digest.update(name.encode())
-        digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()[:16]
+    """:func:`hdb_jax.tensorfile.content_hash` of the bases as they are stored."""
+    return tensorfile.content_hash(_flatten(tree))
 
 
 def save_basis(filename: str | os.PathLike, tree: Tree, **metadata) -> str:
@@ -61,7 +55,7 @@ def save_basis(filename: str | os.PathLike, tree: Tree, **metadata) -> str:
     digest = basis_hash(tree)
     meta = {k: str(v) for k, v in metadata.items()}
     meta.update(format=FORMAT, hash=digest)
-    save_file(_flatten(tree), os.fspath(filename), metadata=meta)
+    tensorfile.write(filename, _flatten(tree), meta)
     return digest
 
 
@@ -75,20 +69,8 @@ def load_basis(filename: str | os.PathLike) -> tuple[dict, dict]:
       BasisError: missing file, another format, or contents that do not match the hash.
     """
     filename = os.fspath(filename)
-    if not os.path.isfile(filename):
-        raise BasisError(f"LiDB basis file not found: {filename}")
-    try:
-        with safe_open(filename, framework="numpy") as handle:
-            meta = dict(handle.metadata() or {})
-            flat = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as err:  # safetensors raises its own error types
-        raise BasisError(f"{filename}: not a readable safetensors file ({err})") from err
-    if meta.get("format") != FORMAT:
-        raise BasisError(f"{filename}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    tree: dict[str, dict[str, np.ndarray]] = {}
-    for name, array in flat.items():
-        path, _, factor = name.rpartition("/")
-        tree.setdefault(path, {})[factor] = array
+    flat, meta = tensorfile.read(filename, format=FORMAT, error=BasisError, what="LiDB basis file")
+    tree = tensorfile.split_last(flat)
     actual = basis_hash(tree)
     if actual != meta.get("hash"):
         raise BasisError(

@@ -178,6 +178,36 @@ def attach_all(
         yield
 
 
+def merge_all(
+    params: Mapping[str, Any],
+    adapters: Mapping[str, Adapter],
+    trainable: Mapping[str, Tree],
+    frozen: Mapping[str, Tree] | None = None,
+    scale: float = 1.0,
+) -> dict:
+    """Base parameters with every component's adapter merged in (``W + scale · ΔW``).
+
+    Args:
+      params: ``{"unet", "vae", "text_encoder"}`` base parameters (left untouched).
+      adapters: ``{component: Adapter}``.
+      trainable: ``{component: trainable tree}``.
+      frozen: ``{component: frozen tree}`` (LiDB bases); missing components mean none.
+      scale: multiplies every update.
+
+    Returns:
+      A new parameter dict; components without an adapter are shared with ``params``.
+    """
+    frozen = frozen or {}
+    out = dict(params)
+    for component, adapter in adapters.items():
+        if component not in params:
+            raise KeyError(f"adapter for unknown component '{component}'; have {sorted(params)}")
+        if adapter.component != component:
+            raise ValueError(f"adapter keyed '{component}' targets '{adapter.component}'")
+        out[component] = adapter.merge(params[component], trainable[component], frozen.get(component), scale)
+    return out
+
+
 def broadcast_batch(tree: Tree, batch: int) -> Tree:
     """A per-sample tree of ``batch`` copies of ``tree`` (leading axis added)."""
     return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), tree)

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 from hdb_jax.adapters.core import Adapter
 from hdb_jax.adapters.kinds import Kron, LiDB, LoRA, Residual
 from hdb_jax.adapters.targets import PATTERNS
+from hdb_jax.sd import tiny as tiny_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.model == "sd15":
         sd = model.sd15_shapes()
     elif args.model == "tiny":
-        sd = model.tiny()
+        sd = tiny_lib.tiny()
     else:
         sd = loading.load_configs(args.model)
     rows = standard_rows(sd.abstract_params(), LiDB(a=args.lidb_a, b=args.lidb_b))

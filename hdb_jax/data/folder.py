@@ -19,6 +19,8 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hdb_jax.images import to_unit_range
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MIN_SIZE = 64  # default smallest accepted short side, pixels
 MAX_PIXELS = 64_000_000  # default largest accepted width x height (checked before decoding)
@@ -291,7 +293,7 @@ class ImageFolder:
         images = np.stack([self._images[i] for i in order])  # [B, H, W, 3] uint8
         if flips.any():
             images[flips] = images[flips, :, ::-1]
-        batch = dict(image=images.astype(np.float32) / 127.5 - 1.0,
+        batch = dict(image=to_unit_range(images),
                      index=np.asarray(order, np.int32))
         if self.caption is not None:
             batch["caption"] = [self.caption] * len(order)

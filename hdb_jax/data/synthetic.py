@@ -21,6 +21,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from hdb_jax.images import to_unit_range
+
 STYLES = ("photo", "cartoon", "sketch")
 BACKGROUNDS = {  # name -> RGB in [0, 1]; names appear verbatim in captions.
     "red": (0.80, 0.20, 0.20), "green": (0.25, 0.62, 0.30),
@@ -396,13 +398,6 @@ def render_batch(identities: Sequence[int], indices: Sequence[int], styles: Sequ
         for i, j, s in zip(identities, indices, styles)])
 
 
-def to_unit_range(images: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] images -> float32 in [-1, 1] (the range every model here takes)."""
-    if images.dtype != np.uint8:
-        raise TypeError(f"expected uint8 images, got {images.dtype}")
-    return images.astype(np.float32) / 127.5 - 1.0
-
-
 def caption(ident: FaceIdentity, var: Variation, class_word: str = "face",
             token: Optional[str] = None) -> str:
     """Describes an image, e.g. "a photo of sks face with glasses on a red background".
@@ -492,7 +487,7 @@ class SyntheticFaces:
         for start in range(0, stop, batch_size):
             examples = [self[int(i)] for i in order[start:start + batch_size]]
             images = np.stack([e["image"] for e in examples])  # [B, H, W, 3] uint8
-            batch = dict(image=images.astype(np.float32) / 127.5 - 1.0,
+            batch = dict(image=to_unit_range(images),
                          identity=np.array([e["identity"] for e in examples], np.int32),
                          index=np.array([e["index"] for e in examples], np.int32))
             if self.with_captions:

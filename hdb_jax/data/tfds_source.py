@@ -37,8 +37,8 @@ def celeba_hq_builder_name(resolution: int) -> str:
 def _import_tfds():
     """Imports (tensorflow, tensorflow_datasets), TensorFlow restricted to the CPU."""
     try:
-        import tensorflow_datasets as tfds  # first: fails fast when the extra is missing
         import tensorflow as tf
+        import tensorflow_datasets as tfds  # first: fails fast when the extra is missing
     except ImportError as e:
         raise ImportError(f"TFDS sources need tensorflow and tensorflow-datasets: "
                           f"{_PIP_HINT}  (missing: {e.name or e})") from e

@@ -25,10 +25,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from hdb_jax import tensorfile
 from hdb_jax.adapters import basis as basis_io
 from hdb_jax.adapters.core import Adapter
 from hdb_jax.adapters.kinds import LiDB
@@ -85,10 +83,8 @@ def save(directory: str | os.PathLike, net: HyperNetwork, params: Mapping[str, A
     meta = {"arch": {k: arch[k] for k in ARCH_FIELDS}, "lidb": dataclasses.asdict(kind),
             "patterns": {c: list(p) for c, p in patterns.items() if p}, "layout": _layout(net.adapters),
             "base_fingerprint": base_fingerprint, "basis_hash": basis_hash, "extra": dict(extra or {})}
-    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file(flat, os.fspath(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta, default=str)})
-    os.replace(tmp, out / WEIGHTS)
+    flat = {k: np.asarray(v, np.float32) for k, v in tensorfile.flatten(jax.device_get(params)).items()}
+    tensorfile.write(out / WEIGHTS, flat, {"format": FORMAT, "meta": json.dumps(meta, default=str)})
     if Path(basis_file).resolve() != (out / BASIS).resolve():
         shutil.copyfile(basis_file, out / BASIS)
     return out
@@ -100,14 +96,7 @@ def read_meta(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise BundleError(f"{directory}: no hypernetwork weights '{WEIGHTS}' (expected a directory written at the end "
                           "of hypernetwork training, e.g. <workdir>/hypernet)")
-    try:
-        with safe_open(os.fspath(path), framework="numpy") as handle:
-            header = dict(handle.metadata() or {})
-    except Exception as err:  # safetensors raises its own error types
-        raise BundleError(f"{path}: not a readable safetensors file ({err})") from err
-    if header.get("format") != FORMAT:
-        raise BundleError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
-    return json.loads(header["meta"])
+    return json.loads(tensorfile.read_metadata(path, format=FORMAT, error=BundleError)["meta"])
 
 
 def load(directory: str | os.PathLike, abstract_sd: Mapping[str, Any], *, base_fingerprint: str | None = None) -> Bundle:
@@ -158,12 +147,11 @@ def load(directory: str | os.PathLike, abstract_sd: Mapping[str, Any], *, base_f
     net, _ = build_hypernet(arch["encoder"], adapters, kind, iterations=arch["iterations"], mode=arch["mode"],
                             width=arch["width"] or None, num_blocks=arch["num_blocks"], num_heads=arch["num_heads"],
                             train_encoder=arch["train_encoder"])
-    expected = traverse_util.flatten_dict(abstract_params(net))
-    with safe_open(os.fspath(directory / WEIGHTS), framework="numpy") as handle:
-        stored = {tuple(k.split("/")): handle.get_tensor(k) for k in handle.keys()}
-    bad = sorted("/".join(k) for k in set(expected) ^ set(stored))
-    bad += sorted("/".join(k) for k in expected if k in stored and stored[k].shape != expected[k].shape)
+    expected = tensorfile.flatten(abstract_params(net))
+    stored, _ = tensorfile.read(directory / WEIGHTS, format=FORMAT, error=BundleError)
+    bad = sorted(set(expected) ^ set(stored))
+    bad += sorted(k for k in expected if k in stored and stored[k].shape != expected[k].shape)
     if bad:
         raise BundleError(f"{directory / WEIGHTS}: parameters do not fit the recorded architecture (e.g. {bad[:3]})")
-    params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in stored.items()})
+    params = tensorfile.unflatten({k: jnp.asarray(v) for k, v in stored.items()})
     return Bundle(net, params, adapters, basis, found_hash, meta)

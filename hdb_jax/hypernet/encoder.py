@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdb_jax.sd import hf
-from hdb_jax.sd import loading
+from hdb_jax.sd import hf, loading
 from hdb_jax.sd.loading import ModelLoadError
 
 # OpenAI CLIP's pixel statistics (also those of OpenCLIP ViT-H-14), per RGB channel.
@@ -95,6 +94,10 @@ class ImageEncoder(hf.FlaxCLIPVisionModule):
       config: the ``CLIPVisionConfig``.
       dtype: computation dtype.
     """
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.image_size)
 
     def __call__(self, images: jax.Array) -> jax.Array:  # pylint: disable=arguments-differ
         """Encodes images.

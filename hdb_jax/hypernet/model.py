@@ -33,6 +33,7 @@ from hdb_jax.adapters.core import Adapter
 from hdb_jax.adapters.kinds import LiDB
 from hdb_jax.hypernet import decoder as dec
 from hdb_jax.hypernet import encoder as enc
+from hdb_jax.hypernet import toy_encoder
 
 
 class HyperNetwork(nn.Module):
@@ -47,7 +48,7 @@ class HyperNetwork(nn.Module):
       train_encoder: whether gradients reach the encoder (False: ``stop_gradient`` on features).
     """
 
-    encoder: enc.ImageEncoder
+    encoder: Any  # enc.ImageEncoder (CLIP) or toy_encoder.IdentityImageEncoder: images -> [B, N, D]
     decoder: dec.WeightDecoder
     layout: tuple[tuple[str, Adapter], ...]
     kind: LiDB
@@ -60,7 +61,7 @@ class HyperNetwork(nn.Module):
 
     @property
     def image_size(self) -> int:
-        return int(self.encoder.config.image_size)
+        return int(self.encoder.image_size)
 
     def encode(self, images: jax.Array) -> jax.Array:
         """NHWC images ``[B, S, S, 3]`` in [-1, 1] -> features ``[B, N, D]``."""
@@ -109,7 +110,9 @@ def build_hypernet(
     """Builds the hypernetwork and its parameter initialiser.
 
     Args:
-      config_name: the encoder: ``tiny`` (tests) or ``sd15`` (CLIP ViT-H/14 vision tower).
+      config_name: the encoder: ``tiny`` (a random tiny CLIP vision tower, tests), ``sd15`` (CLIP
+        ViT-H/14 vision tower) or ``toy_identity`` (the toy world's trained identity encoder,
+        :mod:`hdb_jax.hypernet.toy_encoder`; ``encoder_path`` defaults to the shipped one).
       adapters: ``{component: Adapter}`` of LiDB adapters (e.g. UNet + text-encoder attention).
       lidb: the LiDB hyperparameters (token width ``(a + b) · r``).
       iterations: refinement steps ``s``.
@@ -130,7 +133,13 @@ def build_hypernet(
     if not adapters:
         raise ValueError("the hypernetwork needs at least one adapter")
     dec._check_kind(adapters, lidb)  # pylint: disable=protected-access
-    config = enc.encoder_config(config_name)
+    if config_name == toy_encoder.NAME:
+        image_encoder, trained = toy_encoder.build(encoder_path)
+        load_encoder = lambda: trained  # noqa: E731
+    else:
+        config = enc.encoder_config(config_name)
+        image_encoder = enc.ImageEncoder(config, dtype=dtype)
+        load_encoder = (lambda: enc.load_encoder_params(encoder_path, config)[1]) if encoder_path is not None else None
     token_w = dec.token_width(lidb)
     decoder = dec.WeightDecoder(
         num_tokens=len(dec.token_layout(adapters)),
@@ -144,7 +153,7 @@ def build_hypernet(
         dtype=dtype,
     )
     module = HyperNetwork(
-        encoder=enc.ImageEncoder(config, dtype=dtype),
+        encoder=image_encoder,
         decoder=decoder,
         layout=tuple((c, adapters[c]) for c in sorted(adapters)),
         kind=lidb,
@@ -153,20 +162,18 @@ def build_hypernet(
     )
 
     def init(key: jax.Array) -> dict:
-        loaded = None
-        if encoder_path is not None:
-            _, loaded = enc.load_encoder_params(encoder_path, config)
-        return init_params(module, key, encoder_params=loaded)
+        return init_params(module, key, encoder_params=load_encoder() if load_encoder is not None else None)
 
     return module, init
 
 
 def _init_fns(module: HyperNetwork) -> tuple[Callable, Callable]:
-    config = module.encoder.config
+    size = module.image_size
     encoder = module.encoder.clone(parent=None)
     decoder = module.decoder.clone(parent=None)
-    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    features = jnp.zeros((1, enc.num_tokens(config), config.hidden_size), jnp.float32)
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    shape = jax.eval_shape(lambda k: encoder.apply(encoder.init(k, images), images), jax.random.PRNGKey(0)).shape
+    features = jnp.zeros(shape, jnp.float32)  # [1, N, D]
     return (
         lambda k: encoder.init(k, images)["params"],
         lambda k: decoder.init(k, features, 1)["params"],

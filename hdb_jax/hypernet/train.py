@@ -1,9 +1,13 @@
 """Stage 2 of HyperDreamBooth: train the hypernetwork, sharded over a mesh, on one or many hosts.
 
-Loss (methods.md): ``α · ‖ε̂(θ̂) − ε‖² + β · ‖θ̂ − θ‖²`` where θ̂ = H(x) are the LiDB weights
-the hypernetwork predicts from the sample's face image, applied per sample in activation space
-while the UNet denoises that same image under the prompt "a [V] face", and θ are the weights
-pre-optimised for that identity (stage 1; β = 0 for identities without them).
+Loss (methods.md): ``α · ‖ε̂(θ̂) − ε‖² + β · ‖ΔŴ − ΔW‖²``: θ̂ = H(x) are the LiDB weights the
+hypernetwork predicts from a face image x, applied per sample in activation space while the UNet
+denoises an image of that identity under the prompt "a [V] face"; the weight term compares them
+with the weights pre-optimised for that identity (stage 1) as the squared Frobenius norm of the
+difference of the dense updates, summed over layers. With orthonormal LiDB bases
+``ΔW = A_aux·(A·B)·B_aux`` has the norm of ``A·B``, so the term is computed on the small
+``a x b`` products: it is invariant to the factorisation (``(A, B) -> (cA, B/c)``, sign flips),
+which a loss on the raw factors is not. β = 0 for identities without targets.
 
 Distribution is configuration: the mesh axes (``data``, ``fsdp``) and the sharding rules come
 from the config; the state is created directly in its shardings from ``jax.eval_shape``; the
@@ -15,11 +19,11 @@ no weights, no data -- prints them and stops.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,28 +32,49 @@ import numpy as np
 import optax
 
 from hdb_jax import adapters as A
-from hdb_jax import checkpoint, diffusion, metrics, sharding
+from hdb_jax import build, checkpoint, diffusion, images, loop, metrics, sharding
+from hdb_jax.data import identities as identities_lib
 from hdb_jax.hypernet import bundle
+from hdb_jax.hypernet import data as hdata
 from hdb_jax.hypernet import decoder as dec
 from hdb_jax.hypernet import encoder as enc
-from hdb_jax.hypernet.model import HyperNetwork, abstract_params, build_hypernet, split_params
+from hdb_jax.hypernet.model import HyperNetwork, build_hypernet, split_params
 from hdb_jax.sd import model
-from hdb_jax.subject import build_adapters, build_model, lidb_basis
+from hdb_jax.sd import tiny as tiny_lib
+from hdb_jax.sd.fingerprint import params_fingerprint
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    """AdamW, cosine decay after linear warmup, global-norm clipping (methods.md)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.optim.learning_rate, config.optim.warmup_steps, max(config.steps, config.optim.warmup_steps + 1)
-    )
-    return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), optax.adamw(schedule, weight_decay=config.optim.weight_decay))
+# -------------------------------------------------------------------- losses
+def weight_products(tokens: jax.Array, kind: A.LiDB) -> jax.Array:
+    """Weight tokens ``[..., n, (a+b)·r]`` -> the per-layer products ``A_train·B_train`` ``[..., n, a, b]``."""
+    a, b, r = kind.a, kind.b, kind.rank
+    lead = tokens.shape[:-1]
+    factor_a = tokens[..., : a * r].reshape(lead + (a, r))
+    factor_b = tokens[..., a * r :].reshape(lead + (r, b))
+    return factor_a @ factor_b
+
+
+def weight_distance(predicted: jax.Array, target: jax.Array, kind: A.LiDB) -> jax.Array:
+    """``Σ_layers ‖ΔŴ − ΔW‖_F²`` per sample ``[...]`` (= the dense distance, the bases being orthonormal)."""
+    diff = weight_products(predicted, kind) - weight_products(target, kind)
+    return jnp.sum(jnp.square(diff), axis=(-3, -2, -1))
+
+
+def r_squared(predicted: np.ndarray, target: np.ndarray, kind: A.LiDB) -> float:
+    """``1 − Σ‖ΔŴ − ΔW‖² / Σ‖ΔW − mean ΔW‖²`` over identities (tokens ``[N, n, W]``), in ΔW space."""
+    pred = np.asarray(weight_products(jnp.asarray(predicted), kind), np.float64)
+    true = np.asarray(weight_products(jnp.asarray(target), kind), np.float64)
+    residual = np.sum((pred - true) ** 2)
+    total = np.sum((true - true.mean(axis=0, keepdims=True)) ** 2)
+    return float(1.0 - residual / total) if total > 0 else float("nan")
 
 
 def make_step(sd, net: HyperNetwork, adapters, optimizer, alpha: float, beta: float):
     """``step(state, frozen, batch, rng) -> (state, metrics)`` (pure; jitted by the caller).
 
-    ``frozen = {"sd": base params, "basis": LiDB bases, "hyper": frozen hypernet params}``;
-    ``batch = {"images" [B,H,W,3], "input_ids" [B,L], "target_tokens" [B,n,W], "has_target" [B]}``.
+    ``frozen = {"params": base params, "basis": LiDB bases, "hyper": frozen hypernet params}``;
+    ``batch = {"images" [B,H,W,3] (what H sees), "targets" [B,H,W,3] (what the UNet denoises),
+    "input_ids" [B,L], "target_tokens" [B,n,W], "has_target" [B]}``.
     """
     sched_state = sd.noise_scheduler.create_state()
     size = net.image_size
@@ -59,8 +84,8 @@ def make_step(sd, net: HyperNetwork, adapters, optimizer, alpha: float, beta: fl
                            method=HyperNetwork.predict_tokens)  # [B, n, W]
         tree = dec.tokens_to_tree(tokens, adapters, net.kind)
         with A.attach_all(adapters, tree, frozen["basis"], per_sample=True):
-            denoise = diffusion.denoising_loss(sd, sched_state, frozen["sd"], batch["images"], batch["input_ids"], key)
-        per_sample = jnp.mean(jnp.square(tokens - batch["target_tokens"]), axis=(1, 2))
+            denoise = diffusion.denoising_loss(sd, sched_state, frozen["params"], batch["targets"], batch["input_ids"], key)
+        per_sample = weight_distance(tokens, batch["target_tokens"], net.kind)  # [B]
         weights = batch["has_target"]
         regress = jnp.sum(weights * per_sample) / jnp.maximum(jnp.sum(weights), 1.0)
         return alpha * denoise + beta * regress, {"denoise": denoise, "regress": regress}
@@ -76,146 +101,38 @@ def make_step(sd, net: HyperNetwork, adapters, optimizer, alpha: float, beta: fl
     return step
 
 
-def make_eval(sd, net: HyperNetwork, adapters, num_keys: int = 4):
-    """``eval(trainable, frozen, images, ids, rng) -> (loss with predicted, loss with zero weights)``."""
+def make_eval(sd, net: HyperNetwork, adapters, draws: int = 4):
+    """``evaluate(trainable, frozen, refs, views, ids, key) -> (loss with predicted, with zero weights)``.
+
+    ``refs`` [I, H, W, 3] are what the hypernetwork sees; ``views`` [I, V, H, W, 3] the *other*
+    images of the same identities the denoising loss is measured on; ``ids`` [I·V, L].
+    """
     sched_state = sd.noise_scheduler.create_state()
 
-    def evaluate(trainable, frozen, images, ids, rng):
-        tokens = net.apply({"params": {**frozen["hyper"], **trainable}}, enc.resize_images(images, net.image_size),
-                           method=HyperNetwork.predict_tokens)
+    def evaluate(trainable, frozen, refs, views, ids, key):
+        tokens = net.apply({"params": {**frozen["hyper"], **trainable}}, enc.resize_images(refs, net.image_size),
+                           method=HyperNetwork.predict_tokens)  # [I, n, W]
+        v = views.shape[1]
+        pixels = views.reshape(-1, *views.shape[2:])  # [I·V, H, W, 3]
 
-        def loss(tok, key):
-            with A.attach_all(adapters, dec.tokens_to_tree(tok, adapters, net.kind), frozen["basis"], per_sample=True):
-                return diffusion.denoising_loss(sd, sched_state, frozen["sd"], images, ids, key)
+        def loss(tok):
+            tree = dec.tokens_to_tree(jnp.repeat(tok, v, axis=0), adapters, net.kind)
+            with A.attach_all(adapters, tree, frozen["basis"], per_sample=True):
+                return diffusion.fixed_draw_loss(sd, sched_state, frozen["params"], pixels, ids, key, draws=draws)
 
-        keys = jax.random.split(rng, num_keys)
-        predicted = jnp.mean(jax.lax.map(lambda k: loss(tokens, k), keys))
-        zero = jnp.mean(jax.lax.map(lambda k: loss(jnp.zeros_like(tokens), k), keys))
-        return predicted, zero
+        return loss(tokens), loss(jnp.zeros_like(tokens))
 
     return evaluate
 
 
+# -------------------------------------------------------------------- setup
 def _hypernet(config, adapters):
-    lidb = A.LiDB(**config.adapter.lidb.to_dict())
     h = config.hypernet
     return build_hypernet(
-        h.encoder, adapters, lidb, iterations=h.iterations, mode=h.mode, num_blocks=h.num_blocks, num_heads=h.num_heads,
-        train_encoder=h.train_encoder, encoder_path=h.encoder_path or None, width=h.width or None,
+        h.encoder, adapters, A.LiDB(**config.adapter.lidb.to_dict()), iterations=h.iterations, mode=h.mode,
+        num_blocks=h.num_blocks, num_heads=h.num_heads, train_encoder=h.train_encoder,
+        encoder_path=h.encoder_path or None, width=h.width or None,
     )
-
-
-class Data:
-    """Global batches as a pure function of (seed, step); each process renders only its rows."""
-
-    def __init__(self, config, sd, adapters, identities: list[int], targets: np.ndarray | None):
-        from hdb_jax.data.synthetic import SyntheticFaces
-
-        self.config, self.identities, self.targets = config, identities, targets
-        self.faces = SyntheticFaces(identities, config.data.images_per_identity, resolution=config.model.resolution, seed=config.data.seed)
-        self.ids = np.asarray(sd.tokenize([config.data.prompt]))[0]
-        self.tokens = len(dec.token_layout(adapters))
-        self.width = dec.token_width(A.LiDB(**config.adapter.lidb.to_dict()))
-
-    def rows(self, step: int) -> np.ndarray:
-        """Indices into ``identities`` of the global batch at ``step`` (epoch-wise permutation)."""
-        n, b = len(self.identities), self.config.batch_size
-        flat = step * b + np.arange(b)
-        epochs = flat // n
-        perms = {e: np.random.default_rng([self.config.seed, 5, int(e)]).permutation(n) for e in np.unique(epochs)}
-        return np.array([perms[e][i % n] for e, i in zip(epochs, flat)])
-
-    def load(self, step: int, positions: np.ndarray) -> dict[str, np.ndarray]:
-        """The rows at ``positions`` of the global batch of ``step`` (what one process holds)."""
-        rng = np.random.default_rng([self.config.seed, 9, step])
-        variants = rng.integers(0, self.config.data.images_per_identity, self.config.batch_size)[positions]
-        rows = self.rows(step)[positions]
-        per = self.config.data.images_per_identity
-        images = np.stack([self.faces[int(r) * per + int(v)]["image"] for r, v in zip(rows, variants)])
-        if self.targets is None:
-            targets, has = np.zeros((len(rows), self.tokens, self.width), np.float32), np.zeros(len(rows), np.float32)
-        else:
-            targets, has = self.targets[rows], np.ones(len(rows), np.float32)
-        return {"images": images.astype(np.float32) / 127.5 - 1.0, "input_ids": np.stack([self.ids] * len(rows)),
-                "target_tokens": targets.astype(np.float32), "has_target": has}
-
-
-def _targets(config, adapters) -> tuple[list[int], np.ndarray | None]:
-    """Training identities and their pre-optimised weight tokens (or None: β = 0)."""
-    if not config.data.preopt_dir:
-        return [int(i) for i in config.data.identities], None
-    from hdb_jax import preopt
-
-    rows, weights = preopt.load_weights(config.data.preopt_dir)
-    if not rows:
-        raise ValueError(f"config.data.preopt_dir={config.data.preopt_dir}: no pre-optimised identities (index.jsonl empty)")
-    tree = {}
-    for name, array in weights.items():
-        component, rest = name.split("/", 1)
-        path, factor = rest.rsplit("/", 1)
-        tree.setdefault(component, {}).setdefault(path, {})[factor] = array
-    missing = [c for c in adapters if c not in tree]
-    if missing:
-        raise ValueError(f"{config.data.preopt_dir}: weights have no {missing} adapters; another adapter layout?")
-    return [r["identity"] for r in rows], np.asarray(dec.tree_to_tokens(tree, adapters))
-
-
-def run(config: ml_collections.ConfigDict) -> dict:
-    """Trains (or resumes, or dry-runs) the hypernetwork as ``config`` says."""
-    sharding.maybe_initialize_distributed(config.get("distributed"))
-    mesh = sharding.make_mesh(config.mesh.to_dict())
-    if config.batch_size % mesh.size:
-        raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the mesh's {mesh.size} devices")
-    key = jax.random.PRNGKey(config.seed)
-    k_model, k_hyper, k_basis, k_train = jax.random.split(key, 4)
-
-    if config.dry_run:
-        sd = model.sd15_shapes() if config.model.source != "tiny" else model.tiny(resolution=config.model.resolution)
-        sd_params = sd.abstract_params(config.model.resolution)
-    else:
-        sd, sd_params = build_model(config, k_model)
-    adapters = build_adapters(config, jax.eval_shape(lambda: sd_params))
-    net, init = _hypernet(config, adapters)
-    optimizer = make_optimizer(config)
-
-    def init_all(k):
-        trainable, frozen_h = split_params(net, init(k))
-        return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}, frozen_h
-
-    abstract_state, abstract_hyper = jax.eval_shape(init_all, k_hyper)
-    basis_hash = None
-    if config.dry_run:
-        basis = _abstract_basis(adapters, net.kind)
-    else:
-        basis, basis_hash = lidb_basis(config, adapters, k_basis, config.workdir)
-    frozen = {"sd": sd_params, "basis": basis}
-    abstract_frozen = {**jax.eval_shape(lambda: frozen), "hyper": abstract_hyper}
-    step, state_sh, frozen_sh, data_sh = sharded_step(config, sd, net, adapters, optimizer, mesh, abstract_state, abstract_frozen)
-
-    n_tok, width = len(dec.token_layout(adapters)), dec.token_width(net.kind)
-    b, res = config.batch_size, config.model.resolution
-    abstract_batch = {"images": jax.ShapeDtypeStruct((b, res, res, 3), jnp.float32),
-                      "input_ids": jax.ShapeDtypeStruct((b, sd.max_text_length), jnp.int32),
-                      "target_tokens": jax.ShapeDtypeStruct((b, n_tok, width), jnp.float32),
-                      "has_target": jax.ShapeDtypeStruct((b,), jnp.float32)}
-    t0 = time.perf_counter()
-    compiled = step.lower(
-        _with_shardings(abstract_state, state_sh), _with_shardings(abstract_frozen, frozen_sh),
-        _with_shardings(abstract_batch, {k: data_sh for k in abstract_batch}), jax.ShapeDtypeStruct(k_train.shape, k_train.dtype),
-    ).compile()
-    compile_s = time.perf_counter() - t0
-    memory = compiled.memory_analysis()
-    summary = {"mesh": dict(mesh.shape), "devices": mesh.size, "processes": jax.process_count(), "compile_s": round(compile_s, 2),
-               "tokens": n_tok, "token_width": width, "trainable_params": int(sum(x.size for x in jax.tree_util.tree_leaves(abstract_state["trainable"]))),
-               "temp_bytes": getattr(memory, "temp_size_in_bytes", None), "argument_bytes": getattr(memory, "argument_size_in_bytes", None)}
-    if jax.process_index() == 0:
-        print("hypernet step: " + json.dumps(summary))
-    if config.dry_run:
-        specs = sharding.describe(state_sh["trainable"])
-        for path in list(specs)[:6]:
-            print(f"  trainable/{path}: {specs[path]}")
-        return {"summary": summary, "state_shardings": state_sh, "frozen_shardings": frozen_sh, "compiled": compiled}
-    return _train(config, sd, net, adapters, mesh, compiled, state_sh, frozen, frozen_sh, init_all, k_hyper, k_train, summary, basis_hash)
 
 
 def sharded_step(config, sd, net, adapters, optimizer, mesh, abstract_state, abstract_frozen):
@@ -244,70 +161,161 @@ def _abstract_basis(adapters, kind: A.LiDB) -> dict:
             for c, a in adapters.items()}
 
 
-def _train(config, sd, net, adapters, mesh, compiled, state_sh, frozen, frozen_sh, init_all, k_hyper, k_train, summary, basis_hash):
-    identities, targets = _targets(config, adapters)
-    data = Data(config, sd, adapters, identities, targets)
-    state, hyper_frozen = jax.jit(init_all, out_shardings=(state_sh, frozen_sh["hyper"]))(k_hyper)
-    frozen = jax.device_put({**frozen, "hyper": hyper_frozen}, frozen_sh)
+@dataclasses.dataclass
+class Setup:
+    """Everything built before the first step: the mesh, the networks and the compiled step."""
+
+    mesh: Any
+    net: HyperNetwork
+    adapters: dict
+    optimizer: Any
+    compiled: Callable
+    state_sh: Any
+    frozen_sh: Any
+    init_all: Callable
+    summary: dict
+
+
+def setup(config: ml_collections.ConfigDict, sd, abstract_sd: Mapping[str, Any]) -> Setup:
+    """Builds mesh, hypernetwork, optimizer and shardings and AOT-compiles the step (shapes only)."""
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    if config.batch_size % mesh.size:
+        raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the mesh's {mesh.size} devices")
+    adapters_ = build.adapters(config.adapter, abstract_sd)
+    net, init = _hypernet(config, adapters_)
+    optimizer = build.optimizer(config.optim, config.steps)
+
+    def init_all(k):
+        trainable, frozen_h = split_params(net, init(k))
+        return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}, frozen_h
+
+    abstract_state, abstract_hyper = jax.eval_shape(init_all, jax.random.PRNGKey(0))
+    abstract_frozen = {"params": abstract_sd, "basis": _abstract_basis(adapters_, net.kind), "hyper": abstract_hyper}
+    step, state_sh, frozen_sh, data_sh = sharded_step(config, sd, net, adapters_, optimizer, mesh, abstract_state,
+                                                      abstract_frozen)
+    n_tok, width = len(dec.token_layout(adapters_)), dec.token_width(net.kind)
+    b, res = config.batch_size, config.model.resolution
+    image = jax.ShapeDtypeStruct((b, res, res, 3), jnp.float32)
+    abstract_batch = {"images": image, "targets": image,
+                      "input_ids": jax.ShapeDtypeStruct((b, sd.max_text_length), jnp.int32),
+                      "target_tokens": jax.ShapeDtypeStruct((b, n_tok, width), jnp.float32),
+                      "has_target": jax.ShapeDtypeStruct((b,), jnp.float32)}
+    t0 = time.perf_counter()
+    key = jax.random.PRNGKey(0)
+    compiled = step.lower(
+        _with_shardings(abstract_state, state_sh), _with_shardings(abstract_frozen, frozen_sh),
+        _with_shardings(abstract_batch, {k: data_sh for k in abstract_batch}), jax.ShapeDtypeStruct(key.shape, key.dtype),
+    ).compile()
+    memory = compiled.memory_analysis()
+    summary = {"mesh": dict(mesh.shape), "devices": mesh.size, "processes": jax.process_count(),
+               "compile_s": round(time.perf_counter() - t0, 2), "tokens": n_tok, "token_width": width,
+               "trainable_params": int(sum(x.size for x in jax.tree_util.tree_leaves(abstract_state["trainable"]))),
+               "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+               "argument_bytes": getattr(memory, "argument_size_in_bytes", None)}
+    if jax.process_index() == 0:
+        print("hypernet step: " + json.dumps(summary), flush=True)
+    return Setup(mesh, net, adapters_, optimizer, compiled, state_sh, frozen_sh, init_all, summary)
+
+
+# -------------------------------------------------------------------- training
+def _apply(compiled, state, batch, *, frozen, rng):
+    return compiled(state, frozen, batch, rng)
+
+
+def evaluate_heldout(config, sd, net, adapters_, params, basis, hyper_params) -> dict:
+    """Held-out identities: denoising loss on their *other* views with predicted vs zero weights,
+    and (with ``data.heldout_preopt_dir``) R² of the predictions against their own targets."""
+    out: dict[str, Any] = {}
+    ids = [int(i) for i in config.data.heldout]
+    if not ids:
+        return out
+    views = config.data.heldout_views
+    refs, others = hdata.heldout_views(identities_lib.from_config(config.data, config.model.resolution, ids), ids, views)
+    prompt = np.asarray(sd.tokenize([config.data.prompt]))[0]
+    frozen = {"params": params, "basis": basis, "hyper": {}}  # evaluation: every hypernet parameter is one tree
+    evaluate = jax.jit(make_eval(sd, net, adapters_))
+    predicted, zero = evaluate(hyper_params, frozen, jnp.asarray(refs), jnp.asarray(others),
+                               jnp.asarray(np.stack([prompt] * (len(ids) * views))), jax.random.PRNGKey(config.seed + 7))
+    out.update(predicted=float(predicted), zero=float(zero), identities=len(ids), views=views)
+    if config.data.get("heldout_preopt_dir"):
+        held_ids, held_tokens = hdata.targets(config.data.heldout_preopt_dir, adapters_, None)
+        held = identities_lib.from_config(config.data, config.model.resolution, held_ids)
+        held_refs = np.stack([images.to_unit_range(held.views(i, [0])[0]) for i in held_ids])
+        pred = hdata.predict_tokens(net, hyper_params, held_refs)
+        out["r2"] = r_squared(pred, held_tokens, net.kind)
+        out["r2_identities"] = len(held_ids)
+    return out
+
+
+def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> dict:
+    """Trains (or resumes) the hypernetwork on the base model ``(sd, params)``; writes its bundle.
+
+    Returns:
+      ``{"state", "history", "summary", "workdir", "basis_hash", "bundle", "heldout", "r2_train"}``.
+    """
     workdir = os.path.abspath(config.workdir)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every)
-    start = 0
-    if ckpt.latest_step is not None:
-        start, state = ckpt.restore(_with_shardings(state, state_sh))
-        print(f"resumed from {ckpt.directory} at step {start} on mesh {dict(mesh.shape)}")
-    writer = metrics.EventWriter(os.path.join(workdir, "tb"))
-    bar = metrics.progress(config.steps, initial=start, desc="hypernet")
-    history = {}
-    s = start
-    try:
-        while s < config.steps:
-            batch = sharding.global_batch(functools.partial(data.load, s), config.batch_size, mesh)
-            state, out = compiled(state, frozen, batch, k_train)
-            s += 1
-            bar.update(1)
-            due = ckpt.due(s, config.steps)
-            if s % config.log_every == 0 or due:
-                host = {k: float(v) for k, v in jax.device_get(out).items()}
-                if not np.isfinite(host["loss"]):
-                    raise FloatingPointError(f"loss {host['loss']} at step {s}; last checkpoint: {ckpt.latest_step}")
-                history[s] = host
-                writer.scalars(s, host)
-                bar.set_postfix(loss=f"{host['loss']:.4f}")
-            stop = ckpt.should_stop(s)
-            if due or stop:
-                ckpt.save(s, state, config.to_dict())
-            if stop and s < config.steps:
-                print(f"\nstopped at step {s} (checkpoint saved); rerun the same command to resume")
-                break
-    finally:
-        bar.close()
-        writer.close()
-        ckpt.close()
-    result = {"state": state, "history": history, "summary": summary, "workdir": workdir, "basis_hash": basis_hash}
-    if s >= config.steps:
-        params = {**jax.device_get(frozen["hyper"]), **jax.device_get(state["trainable"])}
-        result["bundle"] = os.path.join(workdir, "hypernet")
-        if jax.process_index() == 0:
-            bundle.save(result["bundle"], net, params, patterns={"unet": config.adapter.unet_patterns, "text_encoder": config.adapter.text_patterns},
-                        arch=config.hypernet.to_dict(), base_fingerprint=model.params_fingerprint(jax.device_get(frozen["sd"])),
-                        basis_file=config.adapter.basis_file or os.path.join(workdir, "lidb_basis.safetensors"), basis_hash=basis_hash,
-                        extra={"steps": s, "final_loss": history[max(history)]["loss"] if history else None})
-    if config.data.heldout:
-        result["heldout"] = heldout_losses(config, sd, net, adapters, state, frozen)
-        if jax.process_index() == 0:
-            print("held-out denoising loss: " + json.dumps(result["heldout"]))
+    k_hyper, k_basis, k_train = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    s = setup(config, sd, jax.eval_shape(lambda: params))
+    basis, basis_hash = build.frozen_trees(config.adapter, s.adapters, k_basis, workdir)
+    n_tok, width = len(dec.token_layout(s.adapters)), dec.token_width(s.net.kind)
+    if config.data.preopt_dir:
+        identities, tokens = hdata.targets(config.data.preopt_dir, s.adapters, basis_hash)
+    else:
+        identities, tokens = [int(i) for i in config.data.identities], None
+    source = identities_lib.from_config(config.data, config.model.resolution, identities)
+    data = hdata.Data(source, identities, tokens, np.asarray(sd.tokenize([config.data.prompt]))[0], config.batch_size,
+                      config.data.seed, (n_tok, width), config.data.get("denoise_on", "same"))
+    state, hyper_frozen = jax.jit(s.init_all, out_shardings=(s.state_sh, s.frozen_sh["hyper"]))(k_hyper)
+    frozen = jax.device_put({"params": params, "basis": basis, "hyper": hyper_frozen}, s.frozen_sh)
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every) as ckpt, \
+            metrics.Writer(os.path.join(workdir, "tb")) as writer:
+        start, state = loop.restore(ckpt, state, name="hypernet")  # restored into the state's shardings
+        if start:
+            print(f"hypernet: on mesh {dict(s.mesh.shape)}")
+        result = loop.train(state, lambda st, b: _apply(s.compiled, st, b, frozen=frozen, rng=k_train),
+                            lambda step: sharding.global_batch(lambda rows: data.load(step, rows), config.batch_size, s.mesh),
+                            steps=config.steps, checkpointer=ckpt, writer=writer, config=config.to_dict(),
+                            log_every=config.log_every, stop_after=config.get("stop_after", 0), name="hypernet", start=start)
+        out = {"state": result.state, "history": result.history, "summary": s.summary, "workdir": workdir,
+               "basis_hash": basis_hash, "loop": result}
+        if result.stopped_early:
+            return out
+        hyper_params = {**jax.device_get(frozen["hyper"]), **jax.device_get(result.state["trainable"])}
+        if tokens is not None:
+            subset = np.arange(min(len(identities), config.data.get("r2_subset", 256)))
+            refs = np.stack([images.to_unit_range(source.views(identities[i], [0])[0]) for i in subset])
+            out["r2_train"] = r_squared(hdata.predict_tokens(s.net, hyper_params, refs), tokens[subset], s.net.kind)
+        host_params = jax.device_get(frozen["params"])
+        out["heldout"] = evaluate_heldout(config, sd, s.net, s.adapters, host_params, jax.device_get(frozen["basis"]),
+                                          hyper_params)
+        writer.scalars(result.step, {f"heldout/{k}": v for k, v in out["heldout"].items() if isinstance(v, float)})
+        if "r2_train" in out:
+            writer.scalars(result.step, {"train/r2": out["r2_train"]})
+    if jax.process_index() == 0:
+        if out["heldout"]:
+            print("held-out: " + json.dumps(out["heldout"]))
             with open(os.path.join(workdir, "heldout.json"), "w") as f:
-                json.dump(result["heldout"], f, indent=1)
-    return result
+                json.dump({**out["heldout"], "r2_train": out.get("r2_train")}, f, indent=1)
+        out["bundle"] = os.fspath(bundle.save(
+            os.path.join(workdir, "hypernet"), s.net, hyper_params,
+            patterns={"unet": config.adapter.unet_patterns, "text_encoder": config.adapter.text_patterns},
+            arch=config.hypernet.to_dict(), base_fingerprint=params_fingerprint(host_params),
+            basis_file=build.basis_path(config.adapter, workdir), basis_hash=basis_hash,
+            extra={"steps": result.step, "final_loss": result.last(), "identities": len(identities),
+                   "r2_train": out.get("r2_train"), "heldout": out["heldout"], "train_s": round(result.seconds, 1)},
+        ))
+    return out
 
 
-def heldout_losses(config, sd, net, adapters, state, frozen) -> dict[str, float]:
-    """Denoising loss on held-out identities with predicted weights vs with zero weights."""
-    from hdb_jax.data.synthetic import SyntheticFaces
-
-    faces = SyntheticFaces(list(config.data.heldout), 1, resolution=config.model.resolution, seed=config.data.seed)
-    images = jnp.asarray(np.stack([faces[i]["image"] for i in range(len(faces))]).astype(np.float32) / 127.5 - 1.0)
-    ids = jnp.asarray(np.stack([np.asarray(sd.tokenize([config.data.prompt]))[0]] * len(faces)))
-    trainable = jax.device_get(state["trainable"])
-    predicted, zero = jax.jit(make_eval(sd, net, adapters))(trainable, jax.device_get(frozen), images, ids, jax.random.PRNGKey(config.seed + 7))
-    return {"predicted": float(predicted), "zero": float(zero)}
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Trains (or resumes, or dry-runs) the hypernetwork as ``config`` says."""
+    sharding.maybe_initialize_distributed(config.get("distributed"))
+    if config.dry_run:
+        sd = tiny_lib.tiny(resolution=config.model.resolution) if config.model.source == "tiny" else model.sd15_shapes()
+        s = setup(config, sd, sd.abstract_params(config.model.resolution))
+        specs = sharding.describe(s.state_sh["trainable"])
+        for path in list(specs)[:6]:
+            print(f"  trainable/{path}: {specs[path]}")
+        return {"summary": s.summary, "state_shardings": s.state_sh, "frozen_shardings": s.frozen_sh, "compiled": s.compiled}
+    sd, params = build.base_model(config.model)
+    return train(config, sd, params)

@@ -44,7 +44,6 @@ for _library_logging in (_diffusers_logging, _transformers_logging):
         _handler.addFilter(_FILTER)
 
 # pylint: disable=wrong-import-position
-from diffusers import __version__ as DIFFUSERS_VERSION  # noqa: E402
 from diffusers import (  # noqa: E402
     FlaxAutoencoderKL,
     FlaxDDIMScheduler,
@@ -52,22 +51,25 @@ from diffusers import (  # noqa: E402
     FlaxDPMSolverMultistepScheduler,
     FlaxUNet2DConditionModel,
 )
+from diffusers import __version__ as DIFFUSERS_VERSION  # noqa: E402
 from diffusers.models import modeling_flax_pytorch_utils as _diffusers_pt_utils  # noqa: E402
 from diffusers.models.attention_flax import FlaxAttention, FlaxGEGLU  # noqa: E402
 from transformers import (  # noqa: E402
     CLIPTextConfig,
     CLIPTokenizer,
     CLIPVisionConfig,
+    FlaxCLIPModel,
     FlaxCLIPTextModel,
     FlaxCLIPVisionModel,
+    FlaxViTModel,
     ViTConfig,
 )
 from transformers import modeling_flax_pytorch_utils as _transformers_pt_utils  # noqa: E402
-from transformers.models.clip.tokenization_clip import bytes_to_unicode  # noqa: E402
 from transformers.models.clip.modeling_flax_clip import (  # noqa: E402
     FlaxCLIPTextModule,
     FlaxCLIPVisionModule,
 )
+from transformers.models.clip.tokenization_clip import bytes_to_unicode  # noqa: E402
 from transformers.models.vit.modeling_flax_vit import FlaxViTModule  # noqa: E402
 
 
@@ -97,6 +99,7 @@ __all__ = [
     "CLIPTokenizer",
     "CLIPVisionConfig",
     "FlaxAutoencoderKL",
+    "FlaxCLIPModel",
     "FlaxCLIPTextModel",
     "FlaxCLIPTextModule",
     "FlaxCLIPVisionModel",
@@ -107,6 +110,7 @@ __all__ = [
     "FlaxAttention",
     "FlaxGEGLU",
     "FlaxUNet2DConditionModel",
+    "FlaxViTModel",
     "FlaxViTModule",
     "ViTConfig",
     "diffusers_rename_and_reshape",

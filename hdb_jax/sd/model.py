@@ -12,19 +12,18 @@ latents are NCHW, already multiplied by the VAE scaling factor.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 from importlib import resources
 from typing import Any, Mapping
 
-import jax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hdb_jax.sd import attention as attention_lib
-from hdb_jax.sd import hf, vocab
+from hdb_jax.sd import hf
 
 Params = Mapping[str, Any]
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -368,131 +367,3 @@ def sd15_configs() -> dict:
 def sd15_shapes() -> StableDiffusion:
     """SD 1.5 modules for shape-only work (``abstract_params``); no tokenizer, no weights."""
     return StableDiffusion.from_configs(sd15_configs(), None, name="sd15-shapes")
-
-
-def tiny_configs(
-    *,
-    resolution: int = 32,
-    unet_channels: tuple[int, ...] = (32, 64),
-    vae_channels: tuple[int, ...] = (32, 64),
-    text_width: int = 32,
-    text_layers: int = 2,
-    vocab_size: int | None = None,
-    tokenizer=None,
-) -> dict:
-    """Small configs of the SD 1.5 architecture family, for tests and the demo.
-
-    The UNet keeps SD's layout (cross-attention down blocks, a plain last down block, mirrored
-    up blocks, a cross-attention mid block) at small widths. GroupNorm uses 32 groups, so every
-    width must be a multiple of 32.
-    """
-    depth = len(unet_channels)
-    factor = 2 ** (len(vae_channels) - 1)
-    if resolution % factor:
-        raise ValueError(f"resolution {resolution} must be a multiple of {factor}")
-    tok = tokenizer
-    if vocab_size is None:
-        vocab_size = len(tok) if tok is not None else vocab.vocab_size()
-    bos = tok.bos_token_id if tok is not None else vocab_size - 2
-    eos = tok.eos_token_id if tok is not None else vocab_size - 1
-    return {
-        "unet": {
-            "_class_name": "UNet2DConditionModel",
-            "sample_size": resolution // factor,
-            "in_channels": 4,
-            "out_channels": 4,
-            "block_out_channels": list(unet_channels),
-            "layers_per_block": 1,
-            "attention_head_dim": 4,
-            "cross_attention_dim": text_width,
-            "down_block_types": ["CrossAttnDownBlock2D"] * (depth - 1) + ["DownBlock2D"],
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (depth - 1),
-            "flip_sin_to_cos": True,
-            "freq_shift": 0,
-            "use_linear_projection": False,
-        },
-        "vae": {
-            "_class_name": "AutoencoderKL",
-            "in_channels": 3,
-            "out_channels": 3,
-            "block_out_channels": list(vae_channels),
-            "down_block_types": ["DownEncoderBlock2D"] * len(vae_channels),
-            "up_block_types": ["UpDecoderBlock2D"] * len(vae_channels),
-            "layers_per_block": 1,
-            "latent_channels": 4,
-            "norm_num_groups": 32,
-            "sample_size": resolution,
-            "scaling_factor": 0.18215,
-        },
-        "text_encoder": {
-            "architectures": ["CLIPTextModel"],
-            "model_type": "clip_text_model",
-            "hidden_size": text_width,
-            "intermediate_size": 2 * text_width,
-            "num_attention_heads": 4,
-            "num_hidden_layers": text_layers,
-            "max_position_embeddings": 77,
-            "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-05,
-            "vocab_size": vocab_size,
-            "bos_token_id": bos,
-            "eos_token_id": eos,
-            "pad_token_id": eos,
-            "projection_dim": text_width,
-        },
-        "scheduler": {
-            "_class_name": "DDPMScheduler",
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "clip_sample": False,
-            "num_train_timesteps": 1000,
-            "prediction_type": "epsilon",
-            "steps_offset": 1,
-        },
-    }
-
-
-def tiny(
-    *,
-    resolution: int = 32,
-    dtype=jnp.float32,
-    attention: str = attention_lib.DEFAULT_IMPLEMENTATION,
-    attention_chunk: int = attention_lib.DEFAULT_CHUNK,
-    **overrides,
-) -> StableDiffusion:
-    """A tiny randomly-initialisable SD-family model with our own offline tokenizer.
-
-    Args:
-      resolution: image side in pixels.
-      dtype: computation dtype.
-      attention: the UNet attention implementation (see :mod:`hdb_jax.sd.attention`).
-      attention_chunk: queries per chunk for the chunked implementations.
-      **overrides: forwarded to :func:`tiny_configs` (widths, depth).
-
-    Returns:
-      The model bundle; weights come from ``init_params``.
-    """
-    tokenizer = vocab.tiny_tokenizer()
-    configs = tiny_configs(resolution=resolution, tokenizer=tokenizer, **overrides)
-    return StableDiffusion.from_configs(
-        configs, tokenizer, name="tiny", dtype=dtype, attention=attention, attention_chunk=attention_chunk
-    )
-
-
-def params_fingerprint(params: Params) -> str:
-    """A short content hash of a parameter tree, used to tie personal weights to a base model.
-
-    Hashes every leaf's path, shape and dtype plus a fixed strided sample of its values (up to
-    256 per leaf), so it is cheap even for SD 1.5 yet changes with any realistic re-training.
-    """
-    digest = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        array = np.asarray(leaf)
-        digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(str((array.shape, str(array.dtype))).encode())
-        flat = array.reshape(-1)
-        stride = max(1, flat.size // 256)
-        digest.update(np.ascontiguousarray(flat[::stride][:256]).astype(np.float32).tobytes())
-    return digest.hexdigest()[:16]

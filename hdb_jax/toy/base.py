@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,9 +30,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from hdb_jax import checkpoint, diffusion, metrics
-from hdb_jax.data import prefetch, synthetic
+from hdb_jax import build, checkpoint, diffusion, images, loop, metrics
+from hdb_jax.data import synthetic
 from hdb_jax.sd import loading, model
+from hdb_jax.sd import tiny as tiny_lib
 
 # Rows of the model card's sample grid: prompts whose modifiers should visibly change the image.
 GRID_PROMPTS = (
@@ -53,7 +53,7 @@ CALIBRATION_STEP = 2**31  # the batch the latent scale is measured on: a step no
 def build_model(config: ml_collections.ConfigDict, scaling_factor: float | None = None) -> model.StableDiffusion:
     """The toy architecture of ``config.model``; ``scaling_factor`` overrides the VAE's."""
     m = config.model
-    sd = model.tiny(resolution=m.resolution, unet_channels=tuple(m.unet_channels), vae_channels=tuple(m.vae_channels),
+    sd = tiny_lib.tiny(resolution=m.resolution, unet_channels=tuple(m.unet_channels), vae_channels=tuple(m.vae_channels),
                     text_width=m.text_width, text_layers=m.text_layers)
     if scaling_factor is None:
         return sd
@@ -114,12 +114,12 @@ class FreshFaces:
     def batch(self, step: int, batch_size: int, tokenize) -> dict[str, np.ndarray]:
         """``{"images": float32 [B, H, W, 3] in [-1, 1], "input_ids": int32 [B, L]}`` of batch ``step``."""
         ids, indices, styles, rng = self.draw(step, batch_size)
-        images = synthetic.render_batch(ids, indices, styles, self.world_seed, self.resolution)
+        pixels = synthetic.render_batch(ids, indices, styles, self.world_seed, self.resolution)
         captions = []
         for i, j, style in zip(ids, indices, styles):
             ident, var = synthetic.identity(int(i), self.world_seed), synthetic.variation(int(i), int(j), self.world_seed, style)
             captions.append("" if rng.random() < self.uncond_prob else toy_caption(ident, var, rng, self.caption_drop))
-        return {"images": synthetic.to_unit_range(images), "input_ids": np.asarray(tokenize(captions), np.int32)}
+        return {"images": images.to_unit_range(pixels), "input_ids": np.asarray(tokenize(captions), np.int32)}
 
 
 # -------------------------------------------------------------------- losses and steps
@@ -133,13 +133,6 @@ def vae_loss(sd: model.StableDiffusion, vae_params, images: jax.Array, key: jax.
     kl = 0.5 * jnp.mean(jnp.square(dist.mean) + dist.var - 1.0 - dist.logvar)
     recon_loss = jnp.mean(jnp.abs(err)) + jnp.mean(jnp.square(err))
     return recon_loss + kl_weight * kl, {"recon": jnp.mean(jnp.square(err)), "kl": kl}
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
-    """AdamW with clipping, linear warmup and cosine decay to ``final_lr_fraction``."""
-    lr = optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps, max(steps, optim.warmup_steps + 1),
-                                            end_value=optim.learning_rate * optim.final_lr_fraction)
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), optax.adamw(lr, weight_decay=optim.weight_decay))
 
 
 def make_vae_step(sd: model.StableDiffusion, optimizer, kl_weight: float):
@@ -174,19 +167,6 @@ def make_unet_step(sd: model.StableDiffusion, optimizer, ema_decay: float):
     return jax.jit(step, donate_argnums=(0,))
 
 
-def heldout_loss(sd: model.StableDiffusion, params: Mapping[str, Any], images: np.ndarray, input_ids: np.ndarray,
-                 seed: int, num_keys: int = 8) -> float:
-    """Denoising loss on fixed held-out images, averaged over ``num_keys`` fixed noise draws."""
-    sched = sd.noise_scheduler.create_state()
-
-    @jax.jit
-    def evaluate(params, images, ids, rng):
-        one = lambda k: diffusion.denoising_loss(sd, sched, params, images, ids, k)  # noqa: E731
-        return jnp.mean(jax.lax.map(one, jax.random.split(rng, num_keys)))
-
-    return float(evaluate(params, jnp.asarray(images), jnp.asarray(input_ids), jax.random.PRNGKey(seed)))
-
-
 # -------------------------------------------------------------------- the job
 def _latent_scale(sd: model.StableDiffusion, vae_params, images: np.ndarray) -> float:
     """1 / std of the VAE's latent means of ``images`` (float NHWC in [-1, 1])."""
@@ -203,69 +183,77 @@ def _init_state(sd, key, vae_opt, unet_opt) -> dict:
             "scaling_factor": jnp.asarray(sd.scaling_factor, jnp.float32)}
 
 
+def _grid_prompts_and_seeds(seeds: int) -> tuple[list[str], list[int]]:
+    return [p for p in GRID_PROMPTS for _ in range(seeds)], list(range(seeds)) * len(GRID_PROMPTS)
+
+
+def sample_grid(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params, seeds: int) -> np.ndarray:
+    """uint8 samples of every :data:`GRID_PROMPTS` row x ``seeds`` seeds, prompt-major."""
+    from hdb_jax import sample
+
+    prompts, seed_list = _grid_prompts_and_seeds(seeds)
+    return sample.sample(sd, params, prompts, seed_list, num_steps=config.sample_steps,
+                         guidance_scale=config.guidance_scale, batch_size=seeds, progress=False)
+
+
 def train(config: ml_collections.ConfigDict) -> dict:
-    """Trains (or resumes) the toy base model; returns losses, timings and the final state."""
+    """Trains (or resumes) the toy base model; returns losses, timings and the final state.
+
+    Phase 1 (VAE) and phase 2 (UNet + text encoder) are two runs of the shared loop over one
+    step counter and one checkpoint directory; the latent scale is measured at the switch.
+    """
     c = config
     total = c.vae_steps + c.unet_steps
     sd = build_model(c)
-    vae_opt, unet_opt = make_optimizer(c.optim_vae, c.vae_steps), make_optimizer(c.optim_unet, c.unet_steps)
+    vae_opt, unet_opt = build.optimizer(c.optim_vae, c.vae_steps), build.optimizer(c.optim_unet, c.unet_steps)
     k_init, k_train = jax.random.split(jax.random.PRNGKey(c.seed))
     data = FreshFaces.from_config(c)
     workdir = Path(c.workdir).absolute()
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=c.checkpoint_every)
     state = _init_state(sd, k_init, vae_opt, unet_opt)
-    start = 0
-    if ckpt.latest_step is not None:
-        start, state = ckpt.restore(state)
-        print(f"resumed from {ckpt.directory} at step {start}")
-    if start >= c.vae_steps:
-        sd = build_model(c, float(state["scaling_factor"]))
-    vae_step = make_vae_step(sd, vae_opt, c.kl_weight)
-    unet_step = None
-    writer = metrics.EventWriter(workdir / "tb")
-    bar = metrics.progress(total, initial=start, desc="toy base")
     history: dict[str, dict[int, float]] = {"vae": {}, "unet": {}}
-    s, t_train = start, time.perf_counter()
-    batches = prefetch.prefetch(lambda step: data.batch(step, c.batch_size, sd.tokenize), range(start, total))
-    try:
-        while s < total:
-            phase = "vae" if s < c.vae_steps else "unet"
-            if phase == "unet" and unet_step is None:
-                if s == c.vae_steps:  # the switch: measure the latent scale once, keep it in the state
-                    calibration = data.batch(CALIBRATION_STEP, 256, sd.tokenize)["images"]
-                    state["scaling_factor"] = jnp.asarray(c.latent_std_target * _latent_scale(sd, state["vae"], calibration), jnp.float32)
-                sd = build_model(c, float(state["scaling_factor"]))
-                unet_step = make_unet_step(sd, unet_opt, c.ema_decay)
-            batch = next(batches)
-            if phase == "vae":
-                state, out = vae_step(state, batch["images"], k_train)
-            else:
-                state, out = unet_step(state, batch, k_train)
-            s += 1
-            bar.update(1)
-            due = ckpt.due(s, total)
-            if s % c.log_every == 0 or due:
-                host = {k: float(v) for k, v in jax.device_get(out).items()}
-                if not np.isfinite(host["loss"]):
-                    raise FloatingPointError(f"{phase} loss {host['loss']} at step {s}; last checkpoint: {ckpt.latest_step}")
-                history[phase][s] = host["loss"]
-                writer.scalars(s, {f"{phase}/{k}": v for k, v in host.items()})
-                bar.set_postfix(phase=phase, loss=f"{host['loss']:.4f}")
-            stop = ckpt.should_stop(s) or (c.stop_after > 0 and s - start >= c.stop_after)
-            if due or stop:
-                ckpt.save(s, state, c.to_dict())
-            if stop and s < total:
-                print(f"\nstopped at step {s} (checkpoint saved); rerun the same command to resume")
-                break
-    finally:
-        batches.close()
-        bar.close()
-        writer.close()
-        ckpt.close()
-    result = {"state": state, "history": history, "steps_run": s - start, "step": s,
-              "train_s": time.perf_counter() - t_train, "sd": sd, "workdir": os.fspath(workdir)}
-    if s >= total:
-        result.update(finish(c, sd, state, result))
+    runs = []
+    with checkpoint.Checkpointer(workdir / "checkpoints", every=c.checkpoint_every) as ckpt, \
+            metrics.Writer(workdir / "tb") as writer:
+        start, state = loop.restore(ckpt, state, name="toy base")
+        batch_fn = lambda step: data.batch(step, c.batch_size, sd.tokenize)  # noqa: E731
+        common = dict(checkpointer=ckpt, writer=writer, config=c.to_dict(), log_every=c.log_every)
+        budget = c.stop_after
+        if start < c.vae_steps:
+            vae_step = make_vae_step(sd, vae_opt, c.kl_weight)
+            run = loop.train(state, lambda st, b: vae_step(st, b["images"], k_train), batch_fn, steps=c.vae_steps,
+                             stop_after=budget, name="toy base (VAE)", prefix="vae/", start=start, **common)
+            runs.append(run)
+            history["vae"] = {s: h["loss"] for s, h in run.history.items()}
+            state = run.state
+            budget = max(budget - run.steps_run, 0) if budget else 0
+            if run.stopped_early or (c.stop_after and not budget):
+                return _result(c, sd, state, history, runs, run.step, done=False, workdir=workdir)
+        if start <= c.vae_steps:  # the switch: measure the latent scale once, keep it in the state
+            calibration = data.batch(CALIBRATION_STEP, 256, sd.tokenize)["images"]
+            state["scaling_factor"] = jnp.asarray(c.latent_std_target * _latent_scale(sd, state["vae"], calibration),
+                                                  jnp.float32)
+        sd = build_model(c, float(state["scaling_factor"]))
+        unet_step = make_unet_step(sd, unet_opt, c.ema_decay)
+        grid_seeds = c.get("validate_seeds", 2)
+
+        def validate(st, step):
+            grid = sample_grid(c, sd, final_params(jax.device_get(st)), grid_seeds)
+            return {"images": {"samples": images.grid(grid, cols=grid_seeds * 7)}}
+
+        run = loop.train(state, lambda st, b: unet_step(st, b, k_train), batch_fn, steps=total, stop_after=budget,
+                         validate=validate if c.get("validate_every", 0) else None, validate_every=c.get("validate_every", 0),
+                         name="toy base (UNet)", prefix="unet/", start=max(start, c.vae_steps), **common)
+        runs.append(run)
+        history["unet"] = {s: h["loss"] for s, h in run.history.items()}
+    return _result(c, sd, run.state, history, runs, run.step, done=not run.stopped_early and run.step >= total,
+                   workdir=workdir)
+
+
+def _result(config, sd, state, history, runs, step, *, done: bool, workdir) -> dict:
+    result = {"state": state, "history": history, "steps_run": sum(r.steps_run for r in runs), "step": step, "sd": sd,
+              "train_s": sum(r.seconds for r in runs), "workdir": os.fspath(workdir)}
+    if done:
+        result.update(finish(config, sd, state, result))
     return result
 
 
@@ -279,19 +267,18 @@ def heldout_set(config: ml_collections.ConfigDict, sd: model.StableDiffusion) ->
     d = config.data
     ids = list(range(d.heldout_start, d.heldout_start + d.heldout_identities))
     styles = [d.styles[k % len(d.styles)] for k in range(len(ids))]
-    images = synthetic.render_batch(ids, [0] * len(ids), styles, d.seed, config.model.resolution)
+    pixels = synthetic.render_batch(ids, [0] * len(ids), styles, d.seed, config.model.resolution)
     captions = [toy_caption(synthetic.identity(i, d.seed), synthetic.variation(i, 0, d.seed, s), np.random.default_rng(0), 0.0)
                 for i, s in zip(ids, styles)]
-    return synthetic.to_unit_range(images), np.asarray(sd.tokenize(captions), np.int32)
+    return images.to_unit_range(pixels), np.asarray(sd.tokenize(captions), np.int32)
 
 
 def finish(config: ml_collections.ConfigDict, sd: model.StableDiffusion, state, result: Mapping[str, Any]) -> dict:
     """Held-out loss, export of the EMA model, sample grid and model card (process 0 writes)."""
-    from hdb_jax import sample
-
     params = final_params(jax.device_get(state))
-    images, ids = heldout_set(config, sd)
-    heldout = heldout_loss(sd, params, images, ids, config.seed + 1)
+    pixels, ids = heldout_set(config, sd)
+    heldout = float(diffusion.make_heldout_loss(sd, 8)(params, jnp.asarray(pixels), jnp.asarray(ids),
+                                                       jax.random.PRNGKey(config.seed + 1)))
     info = {"heldout_loss": heldout, "vae_final_loss": _last(result["history"]["vae"]),
             "unet_final_loss": _last(result["history"]["unet"]), "scaling_factor": float(state["scaling_factor"]),
             "train_s": round(result["train_s"], 1), "steps_run": result["steps_run"]}
@@ -301,13 +288,10 @@ def finish(config: ml_collections.ConfigDict, sd: model.StableDiffusion, state, 
     out = Path(config.out_dir)
     dtype = jnp.float16 if config.export_dtype == "float16" else jnp.float32
     loading.save_pretrained(out, sd, params, dtype=dtype)
-    seeds = list(range(config.grid_seeds))
-    prompts = [p for p in GRID_PROMPTS for _ in seeds]
-    grid = sample.sample(sd, params, prompts, seeds * len(GRID_PROMPTS), num_steps=config.sample_steps,
-                         guidance_scale=config.guidance_scale, batch_size=len(seeds), progress=False)
-    sample.save_grid(grid, out / "samples.png", cols=len(seeds))
-    recon = np.asarray(sample.to_uint8(sd.decode_latents(params["vae"], sd.encode_images(params["vae"], jnp.asarray(images[:8])))))
-    info["vae_heldout_psnr"] = round(_psnr(sample.to_uint8(images[:8]), recon), 2)
+    grid = sample_grid(config, sd, params, config.grid_seeds)
+    images.save_grid(grid, out / "samples.png", cols=config.grid_seeds)
+    recon = images.to_uint8(sd.decode_latents(params["vae"], sd.encode_images(params["vae"], jnp.asarray(pixels[:8]))))
+    info["vae_heldout_psnr"] = round(_psnr(images.to_uint8(pixels[:8]), recon), 2)
     (out / "training.json").write_text(json.dumps({**info, "history": result["history"], "config": config.to_dict()}, indent=1, default=str))
     (out / "MODEL_CARD.md").write_text(model_card(config, info))
     return {**info, "out_dir": os.fspath(out)}

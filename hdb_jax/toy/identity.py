@@ -10,7 +10,8 @@ geometry) from the pooled features.
 
 The trained encoder ships in ``hdb_jax/toy/weights/identity`` (``config.json`` +
 ``params.safetensors``); :func:`load` reads it into an :class:`IdentityScorer` and
-:func:`identity_similarity` scores images against a reference with it.
+:func:`identity_similarity` scores images against a reference with it. Its training job is
+:mod:`hdb_jax.toy.identity_train`.
 """
 
 from __future__ import annotations
@@ -20,24 +21,20 @@ import functools
 import json
 import os
 import pathlib
-import time
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
-from flax.traverse_util import flatten_dict, unflatten_dict
-from safetensors.numpy import load_file
-from safetensors.numpy import save as safetensors_bytes
 
-from hdb_jax import checkpoint, metrics
+from hdb_jax import tensorfile
 from hdb_jax.data import synthetic
+from hdb_jax.images import to_unit_range
 
 SHIPPED_DIR = pathlib.Path(__file__).parent / "weights" / "identity"
 CONFIG_NAME, PARAMS_NAME = "config.json", "params.safetensors"
+FORMAT = "hdb_jax.toy_identity"
 
 
 class IdentityWeightsError(OSError):
@@ -60,7 +57,15 @@ class IdentityEncoder(nn.Module):
     groups: int = 8
 
     @nn.compact
-    def __call__(self, images: jax.Array, with_features: bool = False):
+    def __call__(self, images: jax.Array, with_features: bool = False, tokens: bool = False):
+        """Embeds images [B, H, W, 3] in [-1, 1].
+
+        Returns:
+          The embedding ``[B, embed_dim]``; with ``with_features`` also the pooled hidden
+          features ``[B, 2·widths[-1]]``; with ``tokens`` instead the feature tokens
+          ``[B, cells + 2, widths[-1]]``: every cell of the last stage's map, then the pooled
+          hidden features as two tokens (what the hypernetwork attends to).
+        """
         x = jnp.asarray(images, jnp.float32)
         size = (self.resolution, self.resolution)
         if x.shape[1:3] != size:
@@ -73,6 +78,9 @@ class IdentityEncoder(nn.Module):
         features = nn.relu(nn.Dense(2 * self.widths[-1], name="hidden")(pooled))
         embedding = nn.Dense(self.embed_dim, name="project")(features)
         embedding = embedding / jnp.linalg.norm(embedding, axis=-1, keepdims=True).clip(1e-6)
+        if tokens:
+            cells = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, h·w, C]
+            return jnp.concatenate([cells, features.reshape(x.shape[0], 2, x.shape[-1])], axis=1)
         return (embedding, features) if with_features else embedding
 
 
@@ -92,7 +100,7 @@ class IdentityScorer:
         """Embeds images: uint8 [B, H, W, 3] or float in [-1, 1] (a single [H, W, 3] too) -> [B, D]."""
         x = jnp.asarray(images)
         x = x[None] if x.ndim == 3 else x
-        x = x.astype(jnp.float32) / 127.5 - 1.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+        x = to_unit_range(x) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
         return self._apply(self.params, x)
 
     def similarity(self, images: Any, reference: Any) -> jax.Array:
@@ -132,22 +140,74 @@ def attribute_vector(ident: synthetic.FaceIdentity) -> np.ndarray:
     return np.concatenate([*colors, np.eye(3)[ident.hair_style], scalars]).astype(np.float32)
 
 
-def supcon_loss(embeddings: jax.Array, labels: jax.Array, temperature: float) -> jax.Array:
-    """Supervised contrastive loss (NT-Xent with every same-label render as a positive).
+def save(directory: str | os.PathLike, params: Any, meta: dict) -> pathlib.Path:
+    """Writes ``config.json`` (``meta``; needs ``meta["architecture"]``) and ``params.safetensors``.
 
     Args:
-      embeddings: L2-normalised [N, D].
-      labels: int [N]; every label must occur at least twice.
-      temperature: softmax temperature of the cosine similarities.
+      directory: output folder (created if missing).
+      params: encoder parameters (saved float32, keys '/'-joined tree paths).
+      meta: JSON-able description: architecture kwargs, recipe, evaluation.
 
     Returns:
-      The mean over anchors of the negative mean log-probability of their positives.
+      The directory.
     """
-    self_mask = jnp.eye(labels.shape[0], dtype=bool)
-    logits = jnp.where(self_mask, -1e9, embeddings @ embeddings.T / temperature)
-    log_prob = jax.nn.log_softmax(logits, axis=-1)
-    positives = (labels[:, None] == labels[None, :]) & ~self_mask
-    return -jnp.mean(jnp.sum(jnp.where(positives, log_prob, 0.0), -1) / positives.sum(-1))
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    flat = {k: np.asarray(v, np.float32) for k, v in tensorfile.flatten(jax.device_get(params)).items()}
+    tensorfile.write(directory / PARAMS_NAME, flat, {"format": FORMAT})
+    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load(directory: str | os.PathLike | None = None) -> IdentityScorer:
+    """Reads an encoder written by :func:`save`.
+
+    Args:
+      directory: the folder; None means the encoder shipped with the package (:data:`SHIPPED_DIR`).
+
+    Returns:
+      An :class:`IdentityScorer` whose ``meta`` is the folder's ``config.json``.
+
+    Raises:
+      IdentityWeightsError: the directory lacks the files, they are unreadable, or the
+        parameters do not fit the architecture in ``config.json``; the message names the path.
+    """
+    directory = pathlib.Path(directory) if directory is not None else SHIPPED_DIR
+    if not (directory / CONFIG_NAME).is_file() or not (directory / PARAMS_NAME).is_file():
+        raise IdentityWeightsError(
+            f"{directory}: no identity encoder weights (needs {CONFIG_NAME} and {PARAMS_NAME}); "
+            "train them with: python -m hdb_jax.train --config configs/identity_toy.py")
+    try:
+        meta = json.loads((directory / CONFIG_NAME).read_text())
+        arch = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["architecture"].items()}
+        module = IdentityEncoder(**arch)
+        flat, _ = tensorfile.read(directory / PARAMS_NAME, error=IdentityWeightsError)
+    except Exception as err:  # JSON, safetensors and constructor errors alike
+        raise IdentityWeightsError(f"{directory}: unreadable identity encoder weights ({err})") from err
+    dummy = jnp.zeros((1, module.resolution, module.resolution, 3))
+    expected = tensorfile.flatten(jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy))
+    if {k: v.shape for k, v in expected.items()} != {k: v.shape for k, v in flat.items()}:
+        raise IdentityWeightsError(f"{directory}: {PARAMS_NAME} does not fit the architecture {arch}")
+    return IdentityScorer(module, tensorfile.unflatten({k: jnp.asarray(v) for k, v in flat.items()}), meta)
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped() -> IdentityScorer:
+    return load()
+
+
+def identity_similarity(images: Any, reference: Any, scorer: IdentityScorer | None = None) -> jax.Array:
+    """Cosine identity similarity [B] of ``images`` to ``reference`` (see :meth:`IdentityScorer.similarity`).
+
+    Args:
+      images: [B, H, W, 3] uint8 or float in [-1, 1].
+      reference: an image, [B] images, or an embedding.
+      scorer: the encoder to use; None loads the shipped one (once).
+
+    Returns:
+      float32 [B] cosine similarities.
+    """
+    return (scorer if scorer is not None else _shipped()).similarity(images, reference)
 
 
 def evaluate_retrieval(params_or_encoder: Any, identities: Sequence[int], seed: int = 0, *,
@@ -185,176 +245,3 @@ def evaluate_retrieval(params_or_encoder: Any, identities: Sequence[int], seed: 
             "num_identities": len(ids), "num_queries": len(own)}
 
 
-def save(directory: str | os.PathLike, params: Any, meta: dict) -> pathlib.Path:
-    """Writes ``config.json`` (``meta``; needs ``meta["architecture"]``) and ``params.safetensors``.
-
-    Args:
-      directory: output folder (created if missing).
-      params: encoder parameters (saved float32, keys '/'-joined tree paths).
-      meta: JSON-able description: architecture kwargs, recipe, evaluation.
-
-    Returns:
-      The directory.
-    """
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    flat = {k: np.asarray(v, np.float32) for k, v in flatten_dict(jax.device_get(params), sep="/").items()}
-    (directory / PARAMS_NAME).write_bytes(safetensors_bytes(flat))
-    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    return directory
-
-
-def load(directory: str | os.PathLike | None = None) -> IdentityScorer:
-    """Reads an encoder written by :func:`save`.
-
-    Args:
-      directory: the folder; None means the encoder shipped with the package (:data:`SHIPPED_DIR`).
-
-    Returns:
-      An :class:`IdentityScorer` whose ``meta`` is the folder's ``config.json``.
-
-    Raises:
-      IdentityWeightsError: the directory lacks the files, they are unreadable, or the
-        parameters do not fit the architecture in ``config.json``; the message names the path.
-    """
-    directory = pathlib.Path(directory) if directory is not None else SHIPPED_DIR
-    if not (directory / CONFIG_NAME).is_file() or not (directory / PARAMS_NAME).is_file():
-        raise IdentityWeightsError(
-            f"{directory}: no identity encoder weights (needs {CONFIG_NAME} and {PARAMS_NAME}); "
-            "train them with: python -m hdb_jax.train --config configs/identity_toy.py")
-    try:
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-        arch = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["architecture"].items()}
-        module = IdentityEncoder(**arch)
-        flat = load_file(os.fspath(directory / PARAMS_NAME))
-    except Exception as err:  # JSON, safetensors and constructor errors alike
-        raise IdentityWeightsError(f"{directory}: unreadable identity encoder weights ({err})") from err
-    dummy = jnp.zeros((1, module.resolution, module.resolution, 3))
-    expected = flatten_dict(jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy), sep="/")
-    if {k: v.shape for k, v in expected.items()} != {k: v.shape for k, v in flat.items()}:
-        raise IdentityWeightsError(f"{directory}: {PARAMS_NAME} does not fit the architecture {arch}")
-    return IdentityScorer(module, unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/"), meta)
-
-
-@functools.lru_cache(maxsize=1)
-def _shipped() -> IdentityScorer:
-    return load()
-
-
-def identity_similarity(images: Any, reference: Any, scorer: IdentityScorer | None = None) -> jax.Array:
-    """Cosine identity similarity [B] of ``images`` to ``reference`` (see :meth:`IdentityScorer.similarity`).
-
-    Args:
-      images: [B, H, W, 3] uint8 or float in [-1, 1].
-      reference: an image, [B] images, or an embedding.
-      scorer: the encoder to use; None loads the shipped one (once).
-
-    Returns:
-      float32 [B] cosine similarities.
-    """
-    return (scorer if scorer is not None else _shipped()).similarity(images, reference)
-
-
-def _training_batch(config: ml_collections.ConfigDict, rng: np.random.Generator,
-                    attr_mean: np.ndarray, attr_std: np.ndarray) -> dict:
-    d = config.data
-    chosen = rng.choice(d.train_identities, d.identities_per_batch, replace=False)
-    ids = np.repeat(chosen, d.views_per_identity)
-    indices = rng.integers(0, 2**31 - 1, ids.size)  # fresh pose, lighting and background
-    images = render(ids, indices, rng.choice(d.styles, ids.size), d.seed, config.model.resolution)
-    attrs = np.stack([attribute_vector(synthetic.identity(int(i), d.seed)) for i in ids])
-    return {"images": images.astype(np.float32) / 127.5 - 1.0, "labels": ids.astype(np.int32),
-            "attributes": (attrs - attr_mean) / attr_std}
-
-
-def train(config: ml_collections.ConfigDict) -> dict:
-    """Trains (or resumes) the identity encoder, evaluates held-out retrieval, writes ``out_dir``.
-
-    Args:
-      config: see ``configs/identity_toy.py``.
-
-    Returns:
-      ``losses`` (step -> training loss on log steps), ``eval_loss`` (fixed-batch loss at the
-      start and end of this call), ``retrieval`` (see :func:`evaluate_retrieval`), ``top1``,
-      ``train_seconds`` (this call's loop), ``start_step``, ``step``, ``params`` (encoder) and
-      ``out_dir`` (None when stopped early by SIGTERM).
-    """
-    workdir = os.path.abspath(config.workdir)
-    encoder = IdentityEncoder(tuple(config.model.widths), config.model.embed_dim, config.model.resolution,
-                              config.model.groups)
-    attr_table = np.stack([attribute_vector(synthetic.identity(i, config.data.seed))
-                           for i in range(min(config.data.train_identities, 4096))])
-    attr_mean, attr_std = attr_table.mean(0), attr_table.std(0) + 1e-3
-    head = nn.Dense(attr_table.shape[1])
-    k_enc, k_head = jax.random.split(jax.random.PRNGKey(config.seed))
-    dummy = jnp.zeros((1, config.model.resolution, config.model.resolution, 3))
-    enc_params = encoder.init(k_enc, dummy)
-    params = {"encoder": enc_params,
-              "head": head.init(k_head, encoder.apply(enc_params, dummy, with_features=True)[1])}
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.optim.learning_rate, config.optim.warmup_steps,
-                                                  max(config.steps, config.optim.warmup_steps + 1))
-    optimizer = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip),
-                            optax.adamw(schedule, weight_decay=config.optim.weight_decay))
-    state = {"params": params, "opt_state": optimizer.init(params)}
-
-    def loss_fn(params, batch):
-        emb, features = encoder.apply(params["encoder"], batch["images"], with_features=True)
-        contrastive = supcon_loss(emb, batch["labels"], config.loss.temperature)
-        attributes = jnp.mean((head.apply(params["head"], features) - batch["attributes"]) ** 2)
-        return contrastive + config.loss.attribute_weight * attributes
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_step(state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
-
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every)
-    start = 0
-    if ckpt.latest_step is not None:
-        start, state = ckpt.restore(state)
-    fixed = _training_batch(config, np.random.default_rng([config.seed, 4]), attr_mean, attr_std)
-    eval_loss = jax.jit(lambda p: loss_fn(p, fixed))
-    evals = {"start": float(eval_loss(state["params"]))}
-    losses: dict[int, float] = {}
-    bar = metrics.progress(config.steps, initial=start, desc="identity")
-    t0, step, stop = time.perf_counter(), start, False
-    try:
-        while step < config.steps and not stop:
-            rng = np.random.default_rng([config.seed, 3, step])
-            state, loss = train_step(state, _training_batch(config, rng, attr_mean, attr_std))
-            step += 1
-            bar.update(1)
-            if step % config.log_every == 0 or step == config.steps:
-                losses[step] = float(loss)
-                if not np.isfinite(losses[step]):
-                    raise FloatingPointError(
-                        f"loss {losses[step]} at step {step}; last checkpoint: {ckpt.latest_step}")
-                bar.set_postfix(loss=f"{losses[step]:.4f}")
-            stop = ckpt.should_stop(step)
-            if ckpt.due(step, config.steps) or stop:
-                ckpt.save(step, state, config.to_dict())
-    finally:
-        bar.close()
-        ckpt.close()
-    train_seconds = time.perf_counter() - t0
-    evals["end"] = float(eval_loss(state["params"]))
-    result = {"losses": losses, "eval_loss": evals, "train_seconds": train_seconds, "start_step": start,
-              "step": step, "params": state["params"]["encoder"], "out_dir": None}
-    if step < config.steps:
-        print(f"stopped at step {step} (checkpoint saved); rerun the same command to resume")
-        return result
-
-    scorer = IdentityScorer(encoder, state["params"]["encoder"])
-    heldout = range(config.eval.heldout_start, config.eval.heldout_start + config.eval.heldout_count)
-    retrieval = evaluate_retrieval(scorer, heldout, config.data.seed, styles=tuple(config.data.styles),
-                                   queries_per_identity=config.eval.queries_per_identity)
-    print(f"held-out retrieval top-1 {retrieval['top1']:.3f} (chance {retrieval['chance']:.3f})")
-    meta = {"architecture": {"widths": list(encoder.widths), "embed_dim": encoder.embed_dim,
-                             "resolution": encoder.resolution, "groups": encoder.groups},
-            "recipe": {k: config[k].to_dict() for k in ("data", "loss", "optim")} | {"steps": config.steps},
-            "final_loss": losses.get(step), "eval_loss": evals, "train_seconds": train_seconds,
-            "retrieval": retrieval, "heldout_identities": [heldout.start, heldout.stop]}
-    result.update(retrieval=retrieval, top1=retrieval["top1"], meta=meta,
-                  out_dir=os.fspath(save(config.out_dir, scorer.params, meta)))
-    return result

@@ -1,0 +1,1 @@
+"""Evaluation metrics: toy-world analogues and real-model (CLIP, DINO) metrics."""

@@ -1,0 +1,100 @@
+"""What the hypernetwork trains on: identities, their views, and their pre-optimised weights.
+
+Batches are a pure function of ``(seed, step)``: an epoch-wise permutation of the training
+identities, and per row two view indices -- the image the hypernetwork sees and the image the
+UNet denoises (the same one, as in the paper, or another view of the identity). Each process
+renders or reads only the rows its devices hold (:func:`hdb_jax.sharding.global_batch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from hdb_jax import images
+from hdb_jax.data import weights as weights_lib
+from hdb_jax.hypernet import decoder as dec
+
+DENOISE_ON = ("same", "other")
+
+
+def targets(preopt_dir: str, adapters: Mapping[str, Any], basis_hash: str | None) -> tuple[list[int], np.ndarray]:
+    """Identities of a pre-optimised weights dataset and their weight tokens ``[N, n, W]``."""
+    rows, trees = weights_lib.load(preopt_dir, adapters, basis_hash)
+    return [int(r["identity"]) for r in rows], np.asarray(dec.tree_to_tokens(trees, adapters))
+
+
+@dataclasses.dataclass
+class Data:
+    """Global hypernetwork batches over ``identities`` (rows of ``tokens`` when given)."""
+
+    source: Any  # an identity source (hdb_jax.data.identities)
+    identities: Sequence[int]
+    tokens: np.ndarray | None  # [N, n, W] pre-optimised targets, or None (no weight term)
+    prompt_ids: np.ndarray  # [L]
+    batch_size: int
+    seed: int
+    token_shape: tuple[int, int]  # (n, W)
+    denoise_on: str = "same"
+
+    def __post_init__(self):
+        if self.denoise_on not in DENOISE_ON:
+            raise ValueError(f"config.data.denoise_on={self.denoise_on!r}: choose from {DENOISE_ON}")
+        if self.denoise_on == "other" and self.source.views_per_identity < 2:
+            raise ValueError("config.data.denoise_on='other' needs at least 2 views per identity")
+
+    def rows(self, step: int) -> np.ndarray:
+        """Indices into ``identities`` of the global batch at ``step`` (epoch-wise permutation)."""
+        n, b = len(self.identities), self.batch_size
+        flat = step * b + np.arange(b)
+        epochs = flat // n
+        perms = {e: np.random.default_rng([self.seed, 5, int(e)]).permutation(n) for e in np.unique(epochs)}
+        return np.array([perms[e][i % n] for e, i in zip(epochs, flat)])
+
+    def view_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(seen [B], denoised [B])`` view indices of the global batch at ``step``."""
+        views = self.source.views_per_identity
+        rng = np.random.default_rng([self.seed, 9, step])
+        seen = rng.integers(0, views, self.batch_size)
+        if self.denoise_on == "same":
+            return seen, seen
+        return seen, (seen + rng.integers(1, views, self.batch_size)) % views
+
+    def load(self, step: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows at ``positions`` of the global batch of ``step`` (what one process holds)."""
+        rows = self.rows(step)[positions]
+        seen, denoised = (v[positions] for v in self.view_indices(step))
+        ids = [self.identities[int(r)] for r in rows]
+        pix = lambda which: np.stack([self.source.views(i, [int(v)])[0] for i, v in zip(ids, which)])  # noqa: E731
+        first = images.to_unit_range(pix(seen))
+        second = first if self.denoise_on == "same" else images.to_unit_range(pix(denoised))
+        if self.tokens is None:
+            tokens, has = np.zeros((len(rows), *self.token_shape), np.float32), np.zeros(len(rows), np.float32)
+        else:
+            tokens, has = self.tokens[rows].astype(np.float32), np.ones(len(rows), np.float32)
+        return {"images": first, "targets": second, "input_ids": np.stack([self.prompt_ids] * len(rows)),
+                "target_tokens": tokens, "has_target": has}
+
+
+def heldout_views(source, identities: Sequence[int], views: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(refs [I, H, W, 3], others [I, V, H, W, 3])``: view 0 as the reference, views 1..V to score."""
+    refs = np.stack([images.to_unit_range(source.views(i, [0])[0]) for i in identities])
+    others = np.stack([images.to_unit_range(source.views(i, list(range(1, views + 1)))) for i in identities])
+    return refs, others
+
+
+def predict_tokens(net, params: Mapping[str, Any], refs: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Predicted weight tokens ``[I, n, W]`` for reference images ``[I, H, W, 3]`` (in batches)."""
+    from hdb_jax.hypernet.encoder import resize_images
+    from hdb_jax.hypernet.model import HyperNetwork
+
+    fn = jax.jit(lambda p, x: net.apply({"params": p}, resize_images(x, net.image_size), method=HyperNetwork.predict_tokens))
+    out = []
+    for start in range(0, len(refs), batch):
+        chunk = refs[start:start + batch]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)]) if len(chunk) < batch else chunk
+        out.append(np.asarray(fn(params, padded))[: len(chunk)])
+    return np.concatenate(out)
