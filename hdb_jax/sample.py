@@ -132,7 +132,7 @@ def guided_model_fn(
 @functools.lru_cache(maxsize=16)
 def make_sampler(
     sd: StableDiffusion, *, scheduler: str = "ddim", num_steps: int = 25, guidance_scale: float = 7.5,
-    decode: bool = True,
+    decode: bool = True, wrap: Callable | None = None,
 ) -> Callable:
     """The jitted sampler ``(params, cond_ids, uncond_ids, latents0) -> images``.
 
@@ -146,6 +146,8 @@ def make_sampler(
       guidance_scale: classifier-free guidance scale; exactly 1 skips the unconditional half
         (``uncond_ids`` is then ignored).
       decode: if False, the function returns the final latents [B, C, h, w] instead of images.
+      wrap: applied to the traced function before ``jax.jit`` (tests pin traces with
+        ``chex.assert_max_traces``).
 
     Returns:
       A jitted function of ``params`` (``{"unet", "vae", "text_encoder"}``), ``cond_ids`` and
@@ -164,7 +166,7 @@ def make_sampler(
             return latents
         return jnp.clip(sd.decode_latents(params["vae"], latents), -1.0, 1.0)  # [B, H, W, 3]
 
-    return jax.jit(run)
+    return jax.jit(wrap(run) if wrap is not None else run)
 
 
 def initial_latents(

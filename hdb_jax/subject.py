@@ -31,28 +31,32 @@ import optax
 
 from hdb_jax import adapters as A
 from hdb_jax import build, checkpoint, diffusion, images, loop, metrics
+from hdb_jax import tuning as tuning_lib
 from hdb_jax.adapters import table
 from hdb_jax.sd import model
 from hdb_jax.sd.fingerprint import params_fingerprint
 
 
 # -------------------------------------------------------------------- steps
-def make_train_step(sd: model.StableDiffusion, adapters: Mapping[str, A.Adapter], optimizer) -> Callable:
+def make_train_step(sd: model.StableDiffusion, tuning, optimizer, *, wrap: Callable | None = None) -> Callable:
     """The jitted ``train_step(state, frozen, batch, rng) -> (state, metrics)``.
 
-    ``state = {"step", "trainable": {component: tree}, "opt_state"}`` is donated;
-    ``frozen = {"params": base params, "basis": {component: tree}}`` is not.
+    ``tuning`` is a :mod:`hdb_jax.tuning` method (adapters, DreamBooth, Textual Inversion), or a
+    ``{component: Adapter}`` dict (adapters). ``state = {"step", "trainable", "opt_state"}`` is
+    donated; ``frozen = {"params": base params, "basis": {component: tree}}`` is not.
     ``batch = {"images" [B,H,W,3], "input_ids" [B,L], "weights" [B]}``: the loss is
     ``Σ_i weights_i · loss_i``, which expresses the plain mean (weights 1/B) and DreamBooth's
     prior preservation (1/B_instance for instance rows, λ/B_prior for class rows) alike.
-    Gradients are taken with respect to the adapter trees only; the step is folded into ``rng``.
+    Gradients are taken with respect to the trainable tree only; the step is folded into ``rng``.
+    ``wrap`` is applied before ``jax.jit`` (tests pin traces with ``chex.assert_max_traces``).
     """
     sched_state = sd.noise_scheduler.create_state()
+    tuning = tuning_lib.AdapterTuning(dict(tuning)) if isinstance(tuning, Mapping) else tuning
 
     def loss_fn(trainable, frozen, batch, key):
-        with A.attach_all(adapters, trainable, frozen["basis"]):
+        with tuning.applied(frozen["params"], trainable, frozen["basis"]) as params:
             per_sample = diffusion.denoising_loss(
-                sd, sched_state, frozen["params"], batch["images"], batch["input_ids"], key, per_sample=True
+                sd, sched_state, params, batch["images"], batch["input_ids"], key, per_sample=True
             )
         return jnp.sum(batch["weights"] * per_sample)
 
@@ -64,20 +68,20 @@ def make_train_step(sd: model.StableDiffusion, adapters: Mapping[str, A.Adapter]
         out = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, out
 
-    return jax.jit(train_step, donate_argnums=(0,))
+    return jax.jit(wrap(train_step) if wrap is not None else train_step, donate_argnums=(0,))
 
 
-def make_eval_loss(sd: model.StableDiffusion, adapters: Mapping[str, A.Adapter], draws: int = 4) -> Callable:
+def make_eval_loss(sd: model.StableDiffusion, tuning, draws: int = 4) -> Callable:
     """Jitted ``eval_loss(trainable, frozen, images, input_ids, key) -> scalar``.
 
-    :func:`hdb_jax.diffusion.fixed_draw_loss` with the adapters attached: a deterministic progress
+    :func:`hdb_jax.diffusion.fixed_draw_loss` with the tuning applied: a deterministic progress
     measure on a fixed batch.
     """
     sched_state = sd.noise_scheduler.create_state()
 
     def eval_loss(trainable, frozen, images_, input_ids, key):
-        with A.attach_all(adapters, trainable, frozen["basis"]):
-            return diffusion.fixed_draw_loss(sd, sched_state, frozen["params"], images_, input_ids, key, draws=draws)
+        with tuning.applied(frozen["params"], trainable, frozen["basis"]) as params:
+            return diffusion.fixed_draw_loss(sd, sched_state, params, images_, input_ids, key, draws=draws)
 
     return jax.jit(eval_loss)
 
@@ -136,13 +140,56 @@ def load_images(spec: ml_collections.ConfigDict, resolution: int, what: str) -> 
     return images.to_unit_range(pixels)
 
 
-def load_subject_data(config: ml_collections.ConfigDict, sd: model.StableDiffusion) -> SubjectData:
-    """Loads and validates the subject (and class) images and tokenizes the prompts."""
+def generated_class_images(spec, sd: model.StableDiffusion, params, class_prompt: str, workdir: str) -> np.ndarray:
+    """DreamBooth's class images: ``spec.count`` samples of the class prompt by the base model itself.
+
+    They are generated once into ``<workdir>/class_images/`` (PNG files and ``manifest.json``
+    recording the base model's fingerprint, the prompt, seeds and sampler settings) and read back
+    on every later run (a resumed run never samples again); a manifest that does not match the
+    current settings is regenerated.
+
+    Returns:
+      uint8 ``[count, H, W, 3]``.
+    """
+    from PIL import Image
+
+    from hdb_jax import sample
+
+    folder = os.path.join(workdir, "class_images")
+    seeds = list(range(spec.seed, spec.seed + spec.count))
+    manifest = {"base_fingerprint": params_fingerprint(params), "prompt": class_prompt, "seeds": seeds,
+                "steps": spec.sample_steps, "guidance_scale": spec.guidance_scale}
+    path = os.path.join(folder, "manifest.json")
+    names = [f"class_{s:05d}.png" for s in seeds]
+    if os.path.isfile(path) and json.load(open(path)) == manifest and all(os.path.isfile(os.path.join(folder, n)) for n in names):
+        return np.stack([np.asarray(Image.open(os.path.join(folder, n)).convert("RGB")) for n in names])
+    print(f"generating {spec.count} class images of '{class_prompt}' with the base model into {folder}", flush=True)
+    drawn = sample.sample(sd, params, [class_prompt] * len(seeds), seeds, num_steps=spec.sample_steps,
+                          guidance_scale=spec.guidance_scale, batch_size=min(8, len(seeds)), progress=False)
+    images.save_images(drawn, folder, names)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1)
+    return drawn
+
+
+def load_subject_data(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params=None,
+                      workdir: str | None = None) -> SubjectData:
+    """Loads and validates the subject (and class) images and tokenizes the prompts.
+
+    Class images come from ``config.data.prior`` (``synthetic``, ``folder``, or ``generated``:
+    sampled by the base model, which needs ``params`` and ``workdir``).
+    """
     resolution = config.model.resolution
     instance = load_images(config.data.instance, resolution, "instance")
     class_images = class_ids = None
     if config.data.prior_weight > 0:
-        class_images = load_images(config.data.prior, resolution, "prior")
+        if config.data.prior.source == "generated":
+            if params is None or workdir is None:
+                raise ValueError("generated class images need the base model's params and the run's workdir")
+            drawn = generated_class_images(config.data.prior, sd, params, config.data.class_prompt, workdir)
+            class_images = images.to_unit_range(drawn)
+        else:
+            class_images = load_images(config.data.prior, resolution, "prior")
         class_ids = sd.tokenize([config.data.class_prompt])[0]
     return SubjectData(
         images=instance,
@@ -160,7 +207,24 @@ def _apply(compiled, state, batch, *, frozen, rng):
     return compiled(state, frozen, batch, rng)
 
 
-def _sample_grid(config, sd, params, adapters_, trainable, frozen) -> np.ndarray:
+def build_tuning(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params, key: jax.Array, workdir: str):
+    """``(tuning, frozen trees, basis hash)`` of ``config.method`` (``adapter`` uses ``config.adapter``)."""
+    method = config.get("method", "adapter")
+    if method == "adapter":
+        adapters_ = build.adapters(config.adapter, params)
+        frozen_trees, basis_hash = build.frozen_trees(config.adapter, adapters_, key, workdir)
+        return tuning_lib.AdapterTuning(adapters_), frozen_trees, basis_hash
+    if method == "dreambooth":
+        extra = ("text_encoder",) if config.dreambooth.train_text_encoder else ()
+        return tuning_lib.DreamBoothTuning(("unet",) + extra), {}, None
+    if method == "textual_inversion":
+        ti = config.textual_inversion
+        ids = tuning_lib.token_id(sd.tokenizer, ti.token), tuning_lib.token_id(sd.tokenizer, ti.init_token)
+        return tuning_lib.TextualInversionTuning(*ids), {}, None
+    raise ValueError(f"config.method={method!r}: choose from {tuning_lib.METHODS}")
+
+
+def _sample_grid(config, sd, params, tuning, trainable, frozen) -> np.ndarray:
     """Personal samples (top row) above the base model's (bottom row), same prompts and seeds."""
     from hdb_jax import sample
 
@@ -168,7 +232,7 @@ def _sample_grid(config, sd, params, adapters_, trainable, frozen) -> np.ndarray
     prompts = [p for p in e.sample_prompts for _ in e.sample_seeds]
     seeds = [s for _ in e.sample_prompts for s in e.sample_seeds]
     kwargs = dict(num_steps=e.sample_steps, guidance_scale=e.guidance_scale, batch_size=len(prompts), progress=False)
-    personal = sample.sample(sd, A.merge_all(params, adapters_, trainable, frozen), prompts, seeds, **kwargs)
+    personal = sample.sample(sd, tuning.merged(params, trainable, frozen), prompts, seeds, **kwargs)
     base = sample.sample(sd, params, prompts, seeds, **kwargs)
     return np.concatenate([personal, base])
 
@@ -181,16 +245,18 @@ def train(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params: 
     """
     workdir = os.path.abspath(config.workdir)
     k_init, k_basis, k_train = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-    data = load_subject_data(config, sd)  # bad images fail here, before any compile
-    adapters_ = build.adapters(config.adapter, params)
-    frozen_trees, basis_hash = build.frozen_trees(config.adapter, adapters_, k_basis, workdir)
-    trainable = {c: a.init(k_init) for c, a in adapters_.items()}
+    data = load_subject_data(config, sd, params, workdir)  # bad images fail here, before any compile
+    tuning, frozen_trees, basis_hash = build_tuning(config, sd, params, k_basis, workdir)
+    trainable = tuning.init(k_init, params)
     optimizer = build.optimizer(config.optim, config.steps)
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
     frozen = {"params": params, "basis": frozen_trees}
-    n_params = sum(a.num_params() for a in adapters_.values())
-    print(f"model {sd.name}; {config.adapter.kind} on "
-          + ", ".join(f"{c} ({len(a.targets)} layers)" for c, a in adapters_.items()) + f": {n_params:,} scalars")
+    n_params = tuning.num_params(trainable)
+    if isinstance(tuning, tuning_lib.AdapterTuning):
+        where = f"{config.adapter.kind} on " + ", ".join(f"{c} ({len(a.targets)} layers)" for c, a in tuning.adapters.items())
+    else:
+        where = tuning.name
+    print(f"model {sd.name}; {where}: {n_params:,} trainable scalars")
     if config.get("print_tables", False):
         lidb = A.LiDB(**{k: config.adapter.lidb[k] for k in ("a", "b", "rank")})
         print("adapter parameters of this model:")
@@ -202,13 +268,13 @@ def train(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params: 
         f.write(config.to_json_best_effort(indent=2))
 
     bs = config.data.batch_size
-    train_step = make_train_step(sd, adapters_, optimizer)
+    train_step = make_train_step(sd, tuning, optimizer)
     t0 = time.perf_counter()
     first = jax.tree_util.tree_map(jnp.asarray, data.batch(config.seed, 0, bs))
     compiled = train_step.lower(state, frozen, first, k_train).compile()
     print(f"compiled train step in {time.perf_counter() - t0:.1f}s", flush=True)
 
-    eval_loss = make_eval_loss(sd, adapters_)
+    eval_loss = make_eval_loss(sd, tuning)
     eval_images = jnp.asarray(data.images[:bs])
     eval_ids = jnp.asarray(np.stack([data.input_ids] * len(eval_images)))
     eval_key = jax.random.PRNGKey(config.seed + 1)
@@ -217,7 +283,7 @@ def train(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params: 
         out = {"scalars": {"fixed_batch_loss": eval_loss(st["trainable"], frozen, eval_images, eval_ids, eval_key)}}
         if config.export.sample_prompts:
             trained = jax.device_get(st["trainable"])
-            grid = _sample_grid(config, sd, params, adapters_, trained, jax.device_get(frozen_trees))
+            grid = _sample_grid(config, sd, params, tuning, trained, jax.device_get(frozen_trees))
             out["images"] = {"samples": images.grid(grid, cols=len(grid) // 2)}
         return out
 
@@ -233,7 +299,8 @@ def train(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params: 
         )
         state = result.state
         evals["end"] = float(eval_loss(state["trainable"], frozen, eval_images, eval_ids, eval_key))
-        writer.hparams({"adapter": config.adapter.kind, "steps": config.steps, "learning_rate": config.optim.learning_rate},
+        writer.hparams({"method": tuning.name, "adapter": config.adapter.kind, "steps": config.steps,
+                        "learning_rate": config.optim.learning_rate},
                        {"final/fixed_batch_loss": evals["end"]})
     print(f"fixed-batch denoising loss: {evals['start']:.5f} at step {result.start} -> {evals['end']:.5f} "
           f"at step {result.step}")
@@ -242,12 +309,17 @@ def train(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params: 
         json.dump({"train": {str(k): v for k, v in losses.items()}, "eval_start_step": result.start,
                    "eval_end_step": result.step, "eval": evals}, f, indent=1)
     return {"state": state, "losses": losses, "workdir": workdir, "stopped_early": result.stopped_early, "eval": evals,
-            "num_params": n_params, "basis_hash": basis_hash, "sd": sd, "params": params, "adapters": adapters_,
+            "num_params": n_params, "basis_hash": basis_hash, "sd": sd, "params": params, "tuning": tuning,
             "frozen": frozen_trees, "loop": result}
 
 
 def export(config: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict[str, str]:
-    """Writes ``personal.safetensors``, ``lora.safetensors`` (if the kind allows) and ``samples.png``.
+    """Writes what the method produces, and ``samples.png`` (personal vs base):
+
+    * adapters: ``personal.safetensors`` (our format) and ``lora.safetensors`` (diffusers/PEFT)
+      where the kind allows, plus ``lora_webui.safetensors`` (kohya / LoKr) when asked;
+    * DreamBooth: ``model/``, the whole fine-tuned model as a diffusers-format directory;
+    * Textual Inversion: ``learned_embeds.safetensors`` in diffusers' layout (``{token: [1, D]}``).
 
     Returns:
       ``{artefact: path}`` of what was written.
@@ -255,31 +327,55 @@ def export(config: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict
     from hdb_jax import export as lora_export
     from hdb_jax import personal
 
-    workdir, adapters_ = result["workdir"], result["adapters"]
+    workdir, tuning = result["workdir"], result["tuning"]
     trainable = jax.device_get(result["state"]["trainable"])
     frozen = jax.device_get(result["frozen"])
     written = {}
-    written["personal"] = os.fspath(personal.save_personal(
-        os.path.join(workdir, "personal.safetensors"), adapters_, trainable,
-        base_fingerprint=params_fingerprint(result["params"]), basis_hash=result["basis_hash"],
-        extra={"steps": int(result["state"]["step"]), "prompt": config.data.prompt, "model": result["sd"].name},
-    ))
-    if config.export.lora:
-        try:
-            lora_export.export_lora(os.path.join(workdir, "lora.safetensors"), adapters_, trainable, frozen)
-            written["lora"] = os.path.join(workdir, "lora.safetensors")
-        except lora_export.NotExportableError as err:
-            print(f"no standard LoRA file: {err}")
+    if isinstance(tuning, tuning_lib.AdapterTuning):
+        written["personal"] = os.fspath(personal.save_personal(
+            os.path.join(workdir, "personal.safetensors"), tuning.adapters, trainable,
+            base_fingerprint=params_fingerprint(result["params"]), basis_hash=result["basis_hash"],
+            extra={"steps": int(result["state"]["step"]), "prompt": config.data.prompt, "model": result["sd"].name},
+        ))
+        if config.export.lora:
+            try:
+                lora_export.export_lora(os.path.join(workdir, "lora.safetensors"), tuning.adapters, trainable, frozen)
+                written["lora"] = os.path.join(workdir, "lora.safetensors")
+            except lora_export.NotExportableError as err:
+                print(f"no standard LoRA file: {err}")
+        if config.export.get("webui", False):
+            from hdb_jax import export_webui
+
+            out = export_webui.export_kohya(os.path.join(workdir, "lora_webui.safetensors"), tuning.adapters, trainable,
+                                            frozen, trigger=config.data.prompt,
+                                            base_fingerprint=params_fingerprint(result["params"]))
+            written["webui"] = os.fspath(out.path)
+    elif isinstance(tuning, tuning_lib.DreamBoothTuning):
+        from hdb_jax.sd import loading
+
+        model_dir = os.path.join(workdir, "model")
+        loading.save_pretrained(model_dir, result["sd"], tuning.merged(result["params"], trainable, frozen))
+        written["model"] = model_dir
+    else:
+        from hdb_jax import tensorfile
+
+        path = os.path.join(workdir, "learned_embeds.safetensors")
+        token = config.textual_inversion.export_token
+        tensorfile.write(path, {token: np.asarray(trainable["embedding"], np.float32)[None]},
+                         {"format": "pt", "hdb_jax.token": config.textual_inversion.token})
+        written["learned_embeds"] = path
     if config.export.sample_prompts:
         e = config.export
-        grid = _sample_grid(config, result["sd"], result["params"], adapters_, trainable, frozen)
+        grid = _sample_grid(config, result["sd"], result["params"], tuning, trainable, frozen)
         prompts = [p for p in e.sample_prompts for _ in e.sample_seeds]
         seeds = [s for _ in e.sample_prompts for s in e.sample_seeds]
         labels = [f"{tag}: {p} (seed {s})" for tag in ("personal", "base") for p, s in zip(prompts, seeds)]
         written["grid"] = os.fspath(images.save_grid(grid, os.path.join(workdir, "samples.png"), cols=len(prompts),
                                                      labels=labels))
     for name, path in written.items():
-        print(f"wrote {name}: {path} ({os.path.getsize(path):,} bytes)")
+        size = os.path.getsize(path) if os.path.isfile(path) else sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+        print(f"wrote {name}: {path} ({size:,} bytes)")
     return written
 
 

@@ -18,6 +18,7 @@ JOBS: dict[str, str] = {
     "hypernet": "hdb_jax.hypernet.train:run",
     "base_toy": "hdb_jax.toy.base:run",
     "identity": "hdb_jax.toy.identity_train:train",
+    "attributes": "hdb_jax.toy.attributes_train:train",
     "demo": "hdb_jax.demo:run",
 }
 

@@ -27,8 +27,8 @@ def test_reduced_demo_writes_the_four_ablation_rows(tmp_path):
     assert (workdir / "preopt" / "index.jsonl").read_text().count("\n") == 8
     assert (workdir / "hypernet" / "hypernet" / "hypernet.safetensors").is_file()
     ident = report["identities"][0]
-    personal = personal.load_personal(workdir / "personal" / str(ident) / "personal.safetensors", base_fingerprint=None)
-    assert personal.metadata["extra"]["identity"] == ident
+    loaded = personal.load_personal(workdir / "personal" / str(ident) / "personal.safetensors", base_fingerprint=None)
+    assert loaded.metadata["extra"]["identity"] == ident
     # Grid: one row per identity; reference + 2 seeds x 4 rows = 9 columns of 32 px.
     grid = np.asarray(Image.open(report["grid"]))
     assert grid.shape == (32 * len(report["identities"]), 32 * 9, 3)

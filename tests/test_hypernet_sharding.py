@@ -1,10 +1,12 @@
 """The hypernetwork step on different meshes, processes and restores gives the same numbers."""
 
+import functools
 import os
 import socket
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +51,8 @@ def _run_on(mesh_axes, parts, steps=2):
     mesh = sharding.make_mesh(mesh_axes)
     abstract_state = jax.eval_shape(lambda: state)
     step, state_sh, frozen_sh, data_sh = ht.sharded_step(
-        config, sd, net, adapters, optimizer, mesh, abstract_state, jax.eval_shape(lambda: frozen)
+        config, sd, net, adapters, optimizer, mesh, abstract_state, jax.eval_shape(lambda: frozen),
+        wrap=functools.partial(chex.assert_max_traces, n=1),  # one trace for every step
     )
     s = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), state_sh)
     f = jax.device_put(frozen, frozen_sh)
@@ -58,7 +61,6 @@ def _run_on(mesh_axes, parts, steps=2):
     for _ in range(steps):
         s, out = step(s, f, b, jax.random.PRNGKey(3))
         losses.append(float(out["loss"]))
-    assert step._cache_size() == 1  # one trace for every step
     return losses, jax.device_get(s["trainable"]), s, f, b
 
 

@@ -121,18 +121,18 @@ def test_cli_writes_both_files_and_reuses_the_compile_cache(toy, bundle_dir, fac
     assert len(first["losses"]) == 3 and all(np.isfinite(first["losses"]))
 
     # Our file: a LoRA of rank 4 + 1 (relaxed LoRA + the folded rank-1 prediction) tied to this base model.
-    personal = personal.load_personal(tmp_path / "first" / "personal.safetensors", base_fingerprint=params_fingerprint(params))
-    assert {a.kind.rank for a in personal.adapters.values()} == {5}
+    loaded = personal.load_personal(tmp_path / "first" / "personal.safetensors", base_fingerprint=params_fingerprint(params))
+    assert {a.kind.rank for a in loaded.adapters.values()} == {5}
     # The standard file: lora_A / lora_B for every adapted layer, as diffusers' loader expects.
     lora_file = tmp_path / "first" / "lora" / export.LORA_WEIGHT_NAME
     with safe_open(os.fspath(lora_file), framework="numpy") as f:
         keys = list(f.keys())
-    n_layers = sum(len(a.targets) for a in personal.adapters.values())
+    n_layers = sum(len(a.targets) for a in loaded.adapters.values())
     assert sum(k.endswith("lora_A.weight") for k in keys) == sum(k.endswith("lora_B.weight") for k in keys) == n_layers
     # Same seed, same photo, same program: the two runs agree.
     again = personal.load_personal(tmp_path / "second" / "personal.safetensors", base_fingerprint=None)
-    for c in personal.trainable:
-        for path, factors in personal.trainable[c].items():
+    for c in loaded.trainable:
+        for path, factors in loaded.trainable[c].items():
             for name, x in factors.items():
                 np.testing.assert_allclose(np.asarray(x), np.asarray(again.trainable[c][path][name]), atol=1e-6)
 

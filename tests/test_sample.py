@@ -4,10 +4,12 @@ Every test uses the tiny model with 2-3 steps; ``make_sampler`` caches its jitte
 so the tests share a handful of compiled programs (the UNet is compiled 6 times in all).
 """
 
+import functools
 import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,7 +163,8 @@ def test_matches_torch_diffusers_scheduler(tiny_sd, scheduler):
 # -------------------------------------------------------------------- determinism and batching
 def test_seeds_determinism_and_batch_independence(tiny_sd, tiny_params, ids):
     cond, uncond = ids
-    fn = S.make_sampler(tiny_sd, num_steps=STEPS, guidance_scale=G)  # -> images [B, 32, 32, 3]
+    # Two batch shapes below (3 and 1): two traces at most, however often and with whatever values.
+    fn = S.make_sampler(tiny_sd, num_steps=STEPS, guidance_scale=G, wrap=functools.partial(chex.assert_max_traces, n=2))
     batch = np.asarray(fn(tiny_params, cond, uncond, S.initial_latents(tiny_sd, [0, 1, 2])))
     assert batch.shape == (3, 32, 32, 3) and -1 <= batch.min() < batch.max() <= 1
     again = np.asarray(fn(tiny_params, cond, uncond, S.initial_latents(tiny_sd, [0, 1, 2])))
@@ -171,12 +174,11 @@ def test_seeds_determinism_and_batch_independence(tiny_sd, tiny_params, ids):
     # The middle pair alone (a batch of 1: another compiled shape) gives the same image.
     alone = np.asarray(fn(tiny_params, cond[1:2], uncond[1:2], S.initial_latents(tiny_sd, [1])))
     np.testing.assert_allclose(alone[0], batch[1], atol=1e-5, rtol=0)
-    # One compiled program per batch shape, however often and with whatever values it is called.
-    size = fn._cache_size()
-    assert size <= 2
+    # One compiled program per batch shape: new values of a seen shape do not trace again.
     scaled = jax.tree_util.tree_map(lambda p: p * 1.01, tiny_params)
     fn(scaled, cond[::-1], uncond, S.initial_latents(tiny_sd, [4, 5, 6]))
-    assert fn._cache_size() == size
+    with pytest.raises(AssertionError, match="trace"):  # a third shape would be a third trace
+        fn(tiny_params, cond[:2], uncond[:2], S.initial_latents(tiny_sd, [1, 2]))
 
 
 LOOPS = ("while", "scan")  # fori_loop with static bounds lowers to scan

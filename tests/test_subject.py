@@ -91,9 +91,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
 
     from hdb_jax import personal
 
-    personal = personal.load_personal(tmp_path / "interrupted" / "personal.safetensors", base_fingerprint=None)
-    assert personal.metadata["basis_hash"] and personal.metadata["extra"]["steps"] == steps
-    for component, tree in personal.trainable.items():
+    loaded = personal.load_personal(tmp_path / "interrupted" / "personal.safetensors", base_fingerprint=None)
+    assert loaded.metadata["basis_hash"] and loaded.metadata["extra"]["steps"] == steps
+    for component, tree in loaded.trainable.items():
         for path, factors in tree.items():
             for name, value in factors.items():
                 np.testing.assert_array_equal(value, flat_b[f"{component}/{path}/{name}"])

@@ -1,9 +1,11 @@
 """The training step and the entry point's config handling."""
 
+import functools
 import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +23,7 @@ def test_train_step_traces_once_and_keeps_base_frozen(tiny_sd, tiny_params):
     trainable = {c: a.init(jax.random.PRNGKey(0)) for c, a in adapters.items()}
     basis = {c: a.basis(jax.random.PRNGKey(1)) for c, a in adapters.items()}
     optimizer = build.optimizer(config.optim, config.steps)
-    step = subject.make_train_step(tiny_sd, adapters, optimizer)
+    step = subject.make_train_step(tiny_sd, adapters, optimizer, wrap=functools.partial(chex.assert_max_traces, n=1))
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
     frozen = {"params": tiny_params, "basis": basis}
     images = jax.random.uniform(jax.random.PRNGKey(2), (2, 32, 32, 3), minval=-1, maxval=1)
@@ -33,7 +35,7 @@ def test_train_step_traces_once_and_keeps_base_frozen(tiny_sd, tiny_params):
     before = jax.tree_util.tree_map(np.asarray, tiny_params)
     for _ in range(3):
         state, metrics = step(state, frozen, batch, jax.random.PRNGKey(3))
-    assert step._cache_size() == 1  # one trace for three steps
+    # chex.assert_max_traces(n=1) raised on a second trace: three steps, one trace.
     assert int(state["step"]) == 3 and np.isfinite(float(metrics["loss"]))
     # B_train starts at zero; after three AdamW steps every layer's B_train has moved.
     for tree in state["trainable"].values():

@@ -135,8 +135,10 @@ def _hypernet(config, adapters):
     )
 
 
-def sharded_step(config, sd, net, adapters, optimizer, mesh, abstract_state, abstract_frozen):
+def sharded_step(config, sd, net, adapters, optimizer, mesh, abstract_state, abstract_frozen, *, wrap=None):
     """The jitted step with explicit shardings from ``config.sharding_rules`` on ``mesh``.
+
+    ``wrap`` is applied before ``jax.jit`` (tests pin traces with ``chex.assert_max_traces``).
 
     Returns:
       ``(step, state_shardings, frozen_shardings, batch_sharding)``; the state is donated.
@@ -146,7 +148,8 @@ def sharded_step(config, sd, net, adapters, optimizer, mesh, abstract_state, abs
     frozen_sh = sharding.tree_shardings(abstract_frozen, mesh, rules)
     data_sh = sharding.batch_sharding(mesh)
     step_fn = make_step(sd, net, adapters, optimizer, config.loss.alpha, config.loss.beta)
-    step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_sh, frozen_sh, data_sh, None), out_shardings=(state_sh, None))
+    step = jax.jit(wrap(step_fn) if wrap is not None else step_fn, donate_argnums=(0,),
+                   in_shardings=(state_sh, frozen_sh, data_sh, None), out_shardings=(state_sh, None))
     return step, state_sh, frozen_sh, data_sh
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 from typing import Any, Callable, Sequence
@@ -28,12 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdb_jax import tensorfile
+from hdb_jax.toy import store
 from hdb_jax.data import synthetic
 from hdb_jax.images import to_unit_range
 
 SHIPPED_DIR = pathlib.Path(__file__).parent / "weights" / "identity"
-CONFIG_NAME, PARAMS_NAME = "config.json", "params.safetensors"
 FORMAT = "hdb_jax.toy_identity"
 
 
@@ -141,22 +139,8 @@ def attribute_vector(ident: synthetic.FaceIdentity) -> np.ndarray:
 
 
 def save(directory: str | os.PathLike, params: Any, meta: dict) -> pathlib.Path:
-    """Writes ``config.json`` (``meta``; needs ``meta["architecture"]``) and ``params.safetensors``.
-
-    Args:
-      directory: output folder (created if missing).
-      params: encoder parameters (saved float32, keys '/'-joined tree paths).
-      meta: JSON-able description: architecture kwargs, recipe, evaluation.
-
-    Returns:
-      The directory.
-    """
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    flat = {k: np.asarray(v, np.float32) for k, v in tensorfile.flatten(jax.device_get(params)).items()}
-    tensorfile.write(directory / PARAMS_NAME, flat, {"format": FORMAT})
-    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    return directory
+    """Writes the encoder folder (``config.json`` with ``meta``, ``params.safetensors``); see :mod:`hdb_jax.toy.store`."""
+    return store.save(directory, params, meta, format=FORMAT)
 
 
 def load(directory: str | os.PathLike | None = None) -> IdentityScorer:
@@ -173,22 +157,10 @@ def load(directory: str | os.PathLike | None = None) -> IdentityScorer:
         parameters do not fit the architecture in ``config.json``; the message names the path.
     """
     directory = pathlib.Path(directory) if directory is not None else SHIPPED_DIR
-    if not (directory / CONFIG_NAME).is_file() or not (directory / PARAMS_NAME).is_file():
-        raise IdentityWeightsError(
-            f"{directory}: no identity encoder weights (needs {CONFIG_NAME} and {PARAMS_NAME}); "
-            "train them with: python -m hdb_jax.train --config configs/identity_toy.py")
-    try:
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-        arch = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["architecture"].items()}
-        module = IdentityEncoder(**arch)
-        flat, _ = tensorfile.read(directory / PARAMS_NAME, error=IdentityWeightsError)
-    except Exception as err:  # JSON, safetensors and constructor errors alike
-        raise IdentityWeightsError(f"{directory}: unreadable identity encoder weights ({err})") from err
-    dummy = jnp.zeros((1, module.resolution, module.resolution, 3))
-    expected = tensorfile.flatten(jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy))
-    if {k: v.shape for k, v in expected.items()} != {k: v.shape for k, v in flat.items()}:
-        raise IdentityWeightsError(f"{directory}: {PARAMS_NAME} does not fit the architecture {arch}")
-    return IdentityScorer(module, tensorfile.unflatten({k: jnp.asarray(v) for k, v in flat.items()}), meta)
+    module, params, meta = store.load(
+        directory, IdentityEncoder, lambda m: jnp.zeros((1, m.resolution, m.resolution, 3)), error=IdentityWeightsError,
+        what="identity encoder", hint="python -m hdb_jax.train --config configs/identity_toy.py")
+    return IdentityScorer(module, params, meta)
 
 
 @functools.lru_cache(maxsize=1)

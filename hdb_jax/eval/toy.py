@@ -1,0 +1,126 @@
+"""The paper's four metrics in the toy world, one API for the demo, the jobs and the notebook.
+
+=====================  ==========================================  ============================
+paper                  toy analogue                                scorer
+=====================  ==========================================  ============================
+face recognition       cosine of identity embeddings               :mod:`hdb_jax.toy.identity`
+DINO / CLIP-I          per-attribute agreement with the reference  :mod:`hdb_jax.toy.attributes`
+CLIP-T                 asked attributes detected in the sample     :mod:`hdb_jax.toy.attributes`
+realism (FID-like)     k-NN precision / recall vs real renders;    attribute classifier's
+                       fraction of non-face samples                features and face head
+=====================  ==========================================  ============================
+
+Every per-sample score is returned as an array, so callers arrange them as
+``[identities, prompts, seeds]`` and report :func:`hdb_jax.eval.stats.bootstrap` intervals.
+The real-model metrics (CLIP-I, CLIP-T, DINO on SD-scale images) are :mod:`hdb_jax.eval.real`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+import numpy as np
+
+from hdb_jax.data import synthetic
+from hdb_jax.eval import prdc
+from hdb_jax.toy import attributes as attributes_lib
+from hdb_jax.toy import identity as identity_lib
+
+_STYLE = re.compile(r"\b(photo|cartoon|sketch)\b")
+_BACKGROUND = re.compile(r"\b(" + "|".join(synthetic.BACKGROUND_NAMES) + r") background\b")
+
+
+def asked(prompt: str) -> dict[str, int]:
+    """The attributes a toy prompt asks for, as ``{label: class}``.
+
+    ``"a cartoon of a sks face wearing a hat on a red background"`` ->
+    ``{"style": 1, "hat": 1, "background": <red>}``; a plain ``"a face"`` asks nothing.
+    """
+    out: dict[str, int] = {}
+    text = prompt.lower()
+    if m := _STYLE.search(text):
+        out["style"] = synthetic.STYLES.index(m.group(1))
+    if m := _BACKGROUND.search(text):
+        out["background"] = synthetic.BACKGROUND_NAMES.index(m.group(1))
+    if "wearing a hat" in text:
+        out["hat"] = 1
+    for word in ("glasses", "earrings"):
+        if re.search(rf"\bwith\b[^,]*\b{word}\b", text):
+            out[word] = 1
+    return out
+
+
+@dataclasses.dataclass
+class ToyEvaluator:
+    """The toy world's scorers, loaded once.
+
+    Attributes:
+      identity: the identity encoder (face-recognition analogue).
+      attributes: the attribute classifier.
+      subject_labels: the identity attributes subject fidelity compares.
+    """
+
+    identity: identity_lib.IdentityScorer
+    attributes: attributes_lib.AttributeScorer
+    subject_labels: tuple[str, ...] = synthetic.IDENTITY_LABELS
+
+    @classmethod
+    def load(cls, identity_dir=None, attributes_dir=None) -> "ToyEvaluator":
+        """The shipped scorers (or those in the given folders)."""
+        return cls(identity_lib.load(identity_dir), attributes_lib.load(attributes_dir))
+
+    # ---------------------------------------------------------------- per-sample scores
+    def identity_scores(self, samples: np.ndarray, references: np.ndarray) -> np.ndarray:
+        """Cosine ``[N]`` of each sample's identity embedding to its reference's (one, or one per sample)."""
+        return np.asarray(self.identity.similarity(samples, references), np.float64)
+
+    def subject_fidelity(self, samples: np.ndarray, references: np.ndarray) -> np.ndarray:
+        """Fraction ``[N]`` of :attr:`subject_labels` the classifier reads the same on sample and reference."""
+        got = self.attributes.predict(samples)
+        ref = self.attributes.predict(references if references.ndim == 4 else references[None])
+        agree = [got[k] == np.broadcast_to(ref[k], got[k].shape) for k in self.subject_labels]
+        return np.mean(np.stack(agree), axis=0).astype(np.float64)
+
+    def prompt_fidelity(self, samples: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        """Fraction ``[N]`` of what each sample's prompt asked that the classifier detects (NaN: nothing asked)."""
+        got = self.attributes.predict(samples)
+        out = np.full(len(samples), np.nan)
+        for i, prompt in enumerate(prompts):
+            wanted = asked(prompt)
+            if wanted:
+                out[i] = np.mean([got[k][i] == v for k, v in wanted.items()])
+        return out
+
+    def detected(self, samples: np.ndarray, prompt: str) -> dict[str, np.ndarray]:
+        """``{label: [N] bool}``: whether each attribute ``prompt`` asks for is seen in each sample."""
+        got = self.attributes.predict(samples)
+        return {k: got[k] == v for k, v in asked(prompt).items()}
+
+    def face(self, samples: np.ndarray) -> np.ndarray:
+        """``[N]`` bool: the classifier takes the sample for a face."""
+        return self.attributes.predict(samples)["face"] > 0.5
+
+    # ---------------------------------------------------------------- realism
+    def realism(self, samples: np.ndarray, real: np.ndarray, k: int = 3) -> dict:
+        """k-NN precision / recall of samples against real renders, and the non-face fraction.
+
+        Returns:
+          ``{"precision", "recall", "non_face_fraction", "in_real_manifold": [N] bool, ...}``.
+        """
+        gen, ref = self.attributes.features(samples), self.attributes.features(real)
+        out = prdc.precision_recall(ref, gen, k)
+        out["in_real_manifold"] = prdc.coverage_of(gen, ref, prdc.knn_radii(ref, k))
+        out["non_face_fraction"] = float(1.0 - np.mean(self.face(samples)))
+        return out
+
+
+def real_renders(count: int, *, start: int = 6_000_000, resolution: int = 32, seed: int = 0,
+                 styles: Sequence[str] = ("photo", "cartoon", "sketch"),
+                 weights: Sequence[float] = (0.5, 0.25, 0.25)) -> np.ndarray:
+    """uint8 renders of ``count`` identities nobody trains on, in the base model's style mix."""
+    rng = np.random.default_rng([seed, 31, start])
+    p = np.asarray(weights, np.float64)
+    chosen = [styles[k] for k in rng.choice(len(styles), count, p=p / p.sum())]
+    return synthetic.render_batch(range(start, start + count), rng.integers(0, 2**30, count), chosen, seed, resolution)

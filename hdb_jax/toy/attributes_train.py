@@ -1,0 +1,114 @@
+"""Training the toy attribute classifier (``python -m hdb_jax.train --config configs/attributes_toy.py``).
+
+Every batch renders fresh identities in every style with the generator's labels
+(:func:`hdb_jax.data.synthetic.labels`) plus non-faces (:func:`hdb_jax.toy.attributes.negatives`);
+the loss is the sum of one cross-entropy per label (labels a render lacks, e.g. the background
+of a sketch, and every label of a non-face are masked) and a binary cross-entropy of the face
+head. The finished run measures each head on held-out identities and writes the classifier.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from hdb_jax import build, checkpoint, images, loop, metrics
+from hdb_jax.data import synthetic
+from hdb_jax.toy.attributes import AttributeNet, AttributeScorer, negatives, save
+
+
+def _renders(rng: np.random.Generator, count: int, id_range, styles, weights, seed: int, resolution: int):
+    ids = rng.integers(id_range[0], id_range[1], count)
+    index = rng.integers(0, 2**30, count)
+    p = np.asarray(weights, np.float64)
+    chosen = [styles[k] for k in rng.choice(len(styles), count, p=p / p.sum())]
+    pixels = synthetic.render_batch(ids, index, chosen, seed, resolution)
+    labels = [synthetic.labels(synthetic.identity(int(i), seed), synthetic.variation(int(i), int(j), seed, s))
+              for i, j, s in zip(ids, index, chosen)]
+    return pixels, {k: np.asarray([l[k] for l in labels], np.int32) for k in synthetic.LABELS}
+
+
+def batch(config: ml_collections.ConfigDict, step: int, id_range=None) -> dict[str, np.ndarray]:
+    """Batch ``step``: ``images`` [B, R, R, 3] in [-1, 1], one int label [B] per head (-1: none), ``face`` [B]."""
+    d, res = config.data, config.model.resolution
+    rng = np.random.default_rng([config.seed, 21, step])
+    n_neg = int(round(config.batch_size * d.negative_fraction))
+    pixels, labels = _renders(rng, config.batch_size - n_neg, id_range or d.train_ids, tuple(d.styles),
+                              tuple(d.style_weights), d.seed, res)
+    neg = negatives(rng, n_neg, res, d.seed)
+    out = {k: np.concatenate([v, np.full(n_neg, -1, np.int32)]) for k, v in labels.items()}
+    out["face"] = np.concatenate([np.ones(len(pixels), np.float32), np.zeros(n_neg, np.float32)])
+    out["images"] = images.to_unit_range(np.concatenate([pixels, neg]))
+    return out
+
+
+def loss_fn(module: AttributeNet, params, batch_: dict) -> tuple[jax.Array, dict]:
+    logits, _ = module.apply(params, batch_["images"])
+    parts = {}
+    for name in synthetic.LABELS:
+        label = batch_[name]
+        valid = label >= 0
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[name], jnp.maximum(label, 0))
+        parts[name] = jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    parts["face"] = jnp.mean(optax.sigmoid_binary_cross_entropy(logits["face"], batch_["face"]))
+    return sum(parts.values()), parts
+
+
+def evaluate(scorer: AttributeScorer, config: ml_collections.ConfigDict, count: int = 600) -> dict:
+    """Held-out accuracy of every head (per style for the identity labels) and of the face head."""
+    d, res = config.data, config.model.resolution
+    rng = np.random.default_rng([config.seed, 22])
+    out: dict = {}
+    for style in d.styles:
+        pixels, labels = _renders(rng, count, d.heldout_ids, (style,), (1.0,), d.seed, res)
+        pred = scorer.predict(pixels)
+        for name in synthetic.LABELS:
+            valid = labels[name] >= 0
+            if valid.any():
+                out.setdefault(name, {})[style] = float(np.mean(pred[name][valid] == labels[name][valid]))
+        out.setdefault("face_on_renders", {})[style] = float(np.mean(pred["face"] > 0.5))
+    neg = negatives(rng, count, res, d.seed)
+    out["face_on_negatives"] = float(np.mean(scorer.predict(neg)["face"] > 0.5))
+    return out
+
+
+def train(config: ml_collections.ConfigDict) -> dict:
+    """Trains (or resumes) the classifier, measures it on held-out identities, writes ``out_dir``."""
+    workdir = os.path.abspath(config.workdir)
+    m = config.model
+    module = AttributeNet(tuple(m.widths), m.hidden, m.resolution, m.groups)
+    params = module.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, m.resolution, m.resolution, 3)))
+    optimizer = build.optimizer(config.optim, config.steps)
+    state = {"params": params, "opt_state": optimizer.init(params)}
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, batch_):
+        (loss, parts), grads = jax.value_and_grad(lambda p: loss_fn(module, p, batch_), has_aux=True)(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, {"loss": loss, **parts}
+
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every) as ckpt, \
+            metrics.Writer(os.path.join(workdir, "tb")) as writer:
+        result = loop.train(state, step, functools.partial(batch, config), steps=config.steps, checkpointer=ckpt,
+                            writer=writer, config=config.to_dict(), log_every=config.log_every,
+                            stop_after=config.get("stop_after", 0), name="attributes")
+    out = {"history": result.history, "step": result.step, "start_step": result.start, "train_seconds": result.seconds,
+           "params": result.state["params"], "out_dir": None}
+    if result.stopped_early:
+        return out
+    scorer = AttributeScorer(module, result.state["params"])
+    heldout = evaluate(scorer, config)
+    print("held-out accuracy: " + ", ".join(f"{k} {v}" for k, v in heldout.items()))
+    meta = {"architecture": {"widths": list(module.widths), "hidden": module.hidden, "resolution": module.resolution,
+                             "groups": module.groups},
+            "recipe": {k: config[k].to_dict() for k in ("data", "optim")} | {"steps": config.steps,
+                                                                             "batch_size": config.batch_size},
+            "final_loss": result.last(), "train_seconds": round(result.seconds, 1), "heldout": heldout}
+    out.update(heldout=heldout, meta=meta, out_dir=os.fspath(save(config.out_dir, scorer.params, meta)))
+    return out
