@@ -1,15 +1,12 @@
-"""Embedded default job: HyperDreamBooth end to end on the shipped toy base model.
-
-Pre-optimise LiDB weights for synthetic identities -> train the hypernetwork -> personalise
-held-out identities from one render each (hypernetwork + rank-relaxed fast finetune) -> sample ->
-``report.json`` with the paper's four ablation rows (base, hypernet, hypernet+finetune,
-finetune from zero) and ``grid.png``. A few minutes on 2 CPU cores.
+"""The main job: HyperDreamBooth's Table 1 and ablation on the toy world (what ``make demo`` runs).
 
 Run:
-  python -m hdb_jax.train --config configs/demo.py
-  python -m hdb_jax.train --config configs/demo.py:reduced --config.workdir=/tmp/demo   # a smoke-sized run
-  python -m hdb_jax.train --config configs/demo.py --config.personalize.relax.variant=svd
-Knobs after ':': ``reduced``. Subject-only personalisation is configs/subject.py.
+  python -m hdb_jax.train --config configs/demo.py                       # shipped hypernetwork
+  python -m hdb_jax.train --config configs/demo.py:retrain               # stages 1-2 from scratch first
+  python -m hdb_jax.train --config configs/demo.py --config.eval.baseline_identities=16  # all baselines
+  python -m hdb_jax.train --config configs/demo.py:reduced --config.workdir=/tmp/demo    # smoke size
+Knobs after ':': ``reduced`` (tiny everything, for tests), ``retrain``. A rerun reuses the scores
+already in ``workdir/scores``.
 """
 
 import os
@@ -17,56 +14,77 @@ import os
 import ml_collections
 
 from hdb_jax import config_lib
+from hdb_jax.demo_methods import ROWS
+
+PROMPTS = ("a sks face", "a cartoon of a sks face", "a sks face wearing a hat", "a sks face on a red background")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    reduced = config_lib.knobs(arg, reduced=False).reduced
-    from hdb_jax.toy import base_model_dir
+    k = config_lib.knobs(arg, reduced=False, retrain=False)
+    reduced = k.reduced
+    from hdb_jax.toy import hypernet_dir
 
     c = ml_collections.ConfigDict()
     c.job = "demo"
     c.seed = 0
     c.data_seed = 0
     c.workdir = "runs/demo"
-    base = os.fspath(base_model_dir())
     workdir = c.get_ref("workdir")  # derived paths follow --config.workdir
-    train_ids = tuple(range(10_000, 10_000 + (8 if reduced else 48)))  # never seen by the base model
+    c.model = config_lib.model("toy")
+    c.retrain = k.retrain or reduced  # reduced: stages 1-2 at smoke size (no shipped bundle is used)
 
-    c.preopt = config_lib.load("preopt.py", "tiny", relative_to=__file__)
-    c.preopt.model.source = base
+    c.preopt = config_lib.load("preopt.py", "toy", relative_to=__file__)
     c.preopt.workdir = workdir + "/preopt"
     c.preopt.adapter.basis_file = workdir + "/lidb_basis.safetensors"
-    c.preopt.data.identities = train_ids
-    c.preopt.steps = 3 if reduced else 60
-    c.preopt.optim.learning_rate = 1e-2
-
-    c.hypernet = config_lib.load("hypernet.py", "tiny", relative_to=__file__)
-    c.hypernet.model.source = base
+    c.hypernet = config_lib.load("hypernet.py", "toy", relative_to=__file__)
     c.hypernet.workdir = workdir + "/hypernet"
     c.hypernet.adapter.basis_file = workdir + "/lidb_basis.safetensors"
     c.hypernet.data.preopt_dir = workdir + "/preopt"
-    c.hypernet.data.heldout = tuple(range(3_000_000, 3_000_004))
-    c.hypernet.steps = 4 if reduced else 300
-    c.hypernet.batch_size = 8
-    c.hypernet.checkpoint_every = 100
-    c.hypernet.hypernet.train_encoder = True  # the tiny encoder is random: let it learn faces
-    c.hypernet.optim.learning_rate = 1e-3
-    c.hypernet.optim.warmup_steps = 20
+    if reduced:
+        c.preopt.data.identities, c.preopt.steps, c.preopt.chunk_size = tuple(range(10_000, 10_004)), 3, 4
+        c.hypernet.steps, c.hypernet.batch_size, c.hypernet.data.heldout = 3, 4, (3_100_000,)
 
     c.personalize = config_lib.load("personalize.py", relative_to=__file__)
-    c.personalize.model.source = base
-    c.personalize.hypernet = workdir + "/hypernet/hypernet"
+    c.personalize.model = c.model
+    c.personalize.hypernet = workdir + "/hypernet/hypernet" if c.retrain else os.fspath(hypernet_dir())
     c.personalize.compile_cache = workdir + "/jax_cache"
     if reduced:
         c.personalize.relax.steps = 2
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.identities = tuple(range(3_000_000, 3_000_000 + (1 if reduced else 4)))  # held out everywhere
-    c.eval.heldout_views = 2 if reduced else 4  # other renders of the identity, for the denoising loss
-    c.eval.noise_draws = 2 if reduced else 8
-    c.eval.samples_per_identity = 2 if reduced else 6  # seeds sampled with "a sks face" per row
-    c.eval.samples_per_row = 2
-    c.eval.sample_steps = 3 if reduced else 25
+    c.eval.identities = tuple(range(3_000_000, 3_000_000 + (2 if reduced else 16)))  # held out everywhere
+    c.eval.rows = ROWS
+    c.eval.prompts = PROMPTS
+    c.eval.token = "sks"
+    c.eval.seeds = 1 if reduced else 2  # per prompt
+    c.eval.prior_prompt = "a face"  # sampled from each personal model: is the prior kept?
+    c.eval.prior_seeds = 2 if reduced else 4
+    c.eval.real_renders = 64 if reduced else 512  # the real manifold of the prior-realism metric
+    c.eval.sample_steps = 2 if reduced else 20
     c.eval.guidance_scale = 3.0
-    c.eval.identity_encoder = ""  # empty: the shipped toy identity encoder
+    c.eval.k_short = 10  # the @10 rows' finetune steps
+    c.eval.baseline_identities = 1 if reduced else 4  # the slow baselines run on the first N identities
+    c.eval.grid_identities = 1 if reduced else 4
+    c.eval.replicates = 200 if reduced else 2000
+
+    # The oracle: stage 1 run on the reference itself (one view), in the bundle's LiDB basis.
+    c.oracle = config_lib.load("preopt.py", "toy", relative_to=__file__)
+    c.oracle.bundle_dir = c.personalize.get_ref("hypernet")
+    c.oracle.chunk_size = 4 if reduced else 16
+    if reduced:
+        c.oracle.steps = 2
+
+    c.baselines = ml_collections.ConfigDict()
+    for row, arg in (("lora_dreambooth", "toy,adapter=lora"), ("dreambooth", "toy,method=dreambooth"),
+                     ("textual_inversion", "toy,method=textual_inversion")):
+        b = config_lib.load("subject.py", arg, relative_to=__file__)
+        b.data.instance.images_per_identity = 1  # the reference only, like every other row
+        b.data.flip = False  # a mirrored face is another face here (the hair parts the other way)
+        b.export.sample_prompts = ()
+        if reduced:
+            b.steps = 2
+        c.baselines[row] = b
+    c.baselines.dreambooth.data.prior_weight = 1.0
+    c.baselines.dreambooth.data.prior.source = "generated"
+    c.baselines.dreambooth.data.prior.sample_steps = 2 if reduced else 20
     return c

@@ -7,7 +7,8 @@ Run:
       --config.hypernet.encoder_path=/models/clip-vit-h-14 --config.data.preopt_dir=/data/preopt \\
       --config.mesh.data=-1 --config.mesh.fsdp=4
   python -m hdb_jax.train --config configs/hypernet.py:sd15 --config.dry_run=True   # shapes only
-Knobs: ``tiny`` (default) or ``sd15``. See launch/ for TPU pods, GPU hosts and SLURM.
+Knobs: ``tiny`` (default: the random tiny model), ``toy`` (the shipped toy base model: the recipe of
+the shipped hypernetwork bundle, trained on stage 1's ``configs/preopt.py:toy`` targets) or ``sd15``. See launch/ for TPU pods, GPU hosts and SLURM.
 """
 
 import ml_collections
@@ -17,7 +18,7 @@ from hdb_jax import config_lib
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     k = config_lib.knobs(arg, size=config_lib.SIZES)
-    sd15 = k.size == "sd15"
+    sd15, toy = k.size == "sd15", k.size == "toy"
     c = ml_collections.ConfigDict()
     c.job = "hypernet"
     c.seed = 0
@@ -25,11 +26,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dry_run = False
     c.model = config_lib.model(k.size)
     c.adapter = config_lib.adapter("lidb", k.size)
-    c.update(config_lib.loop(50_000 if sd15 else 40, log_every=50 if sd15 else 5, checkpoint_every=1000 if sd15 else 20))
-    c.batch_size = 64 if sd15 else 8  # global; a multiple of the device count
+    c.update(config_lib.loop(50_000 if sd15 else 3000 if toy else 40, log_every=50 if sd15 or toy else 5,
+                             checkpoint_every=1000 if sd15 else 250 if toy else 20))
+    c.batch_size = 64 if sd15 else 16 if toy else 8  # global; a multiple of the device count
 
     c.hypernet = ml_collections.ConfigDict()
-    c.hypernet.encoder = "sd15" if sd15 else "tiny"  # CLIP ViT-H/14, a tiny random CLIP, or toy_identity
+    c.hypernet.encoder = "sd15" if sd15 else "toy_identity" if toy else "tiny"  # CLIP ViT-H/14, the toy identity
+    # encoder (frozen, trained to tell faces apart: the toy world's pretrained ViT), or a tiny random CLIP
     c.hypernet.encoder_path = ""  # local CLIP vision directory (sd15) or identity encoder folder (toy_identity)
     c.hypernet.train_encoder = False
     c.hypernet.iterations = 4
@@ -40,17 +43,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # beta weighs the squared-norm weight distance (sum over layers); it acts only with targets.
     c.loss = ml_collections.ConfigDict(dict(alpha=1.0, beta=0.02))
-    c.optim = config_lib.optim(1e-4 if sd15 else 1e-3, warmup_steps=1000 if sd15 else 4, schedule="cosine")
+    c.optim = config_lib.optim(1e-4 if sd15 else 1e-3, warmup_steps=1000 if sd15 else 100 if toy else 4, schedule="cosine")
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"
     c.data.prompt = "a photo of sks face" if sd15 else "a sks face"
     c.data.preopt_dir = ""  # stage-1 weights dataset; empty: no targets (beta term off)
     c.data.identities = tuple(range(100, 116))  # used when preopt_dir is empty
-    c.data.images_per_identity = 4
+    c.data.images_per_identity = 8 if toy else 4
     c.data.denoise_on = "same"  # the UNet denoises the image the hypernetwork saw (paper) or "other" views
     c.data.seed = 0
-    c.data.heldout = tuple(range(900, 904))  # identities never trained on
+    c.data.heldout = tuple(range(3_100_000, 3_100_032)) if toy else tuple(range(900, 904))  # never trained on
     c.data.heldout_views = 3  # the held-out loss is measured on views 1..3, the hypernetwork sees view 0
     c.data.heldout_preopt_dir = ""  # targets of held-out identities: R^2 on them
     c.data.r2_subset = 256  # training identities the training R^2 is measured on

@@ -4,7 +4,8 @@ Run:
   python -m hdb_jax.train --config configs/preopt.py:tiny
   python -m hdb_jax.train --config configs/preopt.py:sd15 --config.model.source=/models/sd15 \\
       --config.workdir=/data/preopt --config.mesh.data=-1
-Knobs: ``tiny`` (default) or ``sd15``. Rerunning skips identities already in <workdir>/index.jsonl.
+Knobs: ``tiny`` (default: the random tiny model), ``toy`` (the shipped toy base model: the recipe
+of the shipped hypernetwork's targets) or ``sd15``. Rerunning skips identities already in <workdir>/index.jsonl.
 """
 
 import ml_collections
@@ -14,20 +15,20 @@ from hdb_jax import config_lib
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     k = config_lib.knobs(arg, size=config_lib.SIZES)
-    sd15 = k.size == "sd15"
+    sd15, toy = k.size == "sd15", k.size == "toy"
     c = ml_collections.ConfigDict()
     c.job = "preopt"
     c.seed = 0
     c.workdir = "runs/preopt"
     c.model = config_lib.model(k.size)
     c.adapter = config_lib.adapter("lidb", k.size)
-    c.steps = 300 if sd15 else 30  # per identity (methods.md: ~300 at lr 1e-3)
-    c.optim = config_lib.optim(1e-3 if sd15 else 1e-2)
-    c.chunk_size = 8  # identities trained together; a multiple of the device count
+    c.steps = 300 if sd15 else 150 if toy else 30  # per identity (methods.md: ~300 at lr 1e-3)
+    c.optim = config_lib.optim(1e-3 if sd15 else 1e-2, weight_decay=0.0 if toy else 1e-2)
+    c.chunk_size = 16 if toy else 8  # identities trained together; a multiple of the device count
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"
-    c.data.identities = tuple(range(8))
-    c.data.images_per_identity = 4  # views per identity; each step draws one
+    c.data.identities = tuple(range(10_000, 12_000)) if toy else tuple(range(8))
+    c.data.images_per_identity = 8 if toy else 4  # views per identity; each step draws one
     c.data.seed = 0
     c.data.prompt = "a photo of sks face" if sd15 else "a sks face"
     c.mesh = config_lib.mesh()

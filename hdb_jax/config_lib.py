@@ -19,7 +19,7 @@ import ml_collections
 from hdb_jax.adapters.targets import PATTERNS
 
 ADAPTER_KINDS = ("lidb", "lora", "kron", "residual")
-SIZES = ("tiny", "sd15")
+SIZES = ("tiny", "toy", "sd15")  # random tiny model (tests), the shipped toy base model, SD 1.5
 
 
 def _cast(name: str, text: str, default: Any) -> Any:
@@ -93,12 +93,20 @@ def load(path: str | os.PathLike, arg: str | None = None, *, relative_to: str | 
 
 # -------------------------------------------------------------------- shared sections
 def model(size: str = "tiny", *, source: str | None = None, resolution: int | None = None) -> ml_collections.ConfigDict:
-    """``model``: ``source`` (``tiny``, a diffusers-format directory or hub id) and ``resolution``."""
+    """``model``: ``source`` (``tiny``, a diffusers-format directory or hub id) and ``resolution``.
+
+    ``toy`` is the toy base model shipped in the package; ``sd15`` leaves the source to the user.
+    """
     if size not in SIZES:
         raise ValueError(f"model size {size!r}: choose from {SIZES}")
-    default_source = "tiny" if size == "tiny" else ""  # sd15: the user names the weights
-    return ml_collections.ConfigDict(dict(source=default_source if source is None else source,
-                                          resolution=resolution or (32 if size == "tiny" else 512)))
+    if source is None:
+        if size == "toy":
+            from hdb_jax.toy import base_model_dir
+
+            source = os.fspath(base_model_dir())
+        else:
+            source = "tiny" if size == "tiny" else ""
+    return ml_collections.ConfigDict(dict(source=source, resolution=resolution or (512 if size == "sd15" else 32)))
 
 
 def adapter(kind: str = "lidb", size: str = "tiny") -> ml_collections.ConfigDict:
@@ -115,7 +123,10 @@ def adapter(kind: str = "lidb", size: str = "tiny") -> ml_collections.ConfigDict
     c.unet_patterns = (PATTERNS["unet_proj_out"],) if kind == "residual" else (PATTERNS["unet_attention"],)
     c.text_patterns = () if kind in ("kron", "residual") else (PATTERNS["text_attention"],)
     c.basis_file = ""  # LiDB: a shared basis file; empty: <workdir>/lidb_basis.safetensors
-    c.lidb = ml_collections.ConfigDict(dict(a=100, b=50, rank=1, init_std=1e-3) if sd15 else dict(a=16, b=8, rank=1, init_std=1e-3))
+    # LiDB bases: a=100, b=50 of SD 1.5's 320-1280 wide layers; a quarter to a half of the toy
+    # model's 64-128 (a=32, b=16); a=16, b=8 on the tiny random model.
+    lidb = {"sd15": (100, 50), "toy": (32, 16), "tiny": (16, 8)}[size]
+    c.lidb = ml_collections.ConfigDict(dict(a=lidb[0], b=lidb[1], rank=1, init_std=1e-3))
     c.lora = ml_collections.ConfigDict(dict(rank=4, alpha=4.0))
     c.kron = ml_collections.ConfigDict(dict(a1=4, a2=64, scale=1.0) if sd15 else dict(a1=4, a2=8, scale=1.0))
     c.residual = ml_collections.ConfigDict(dict(ratio=0.05 if sd15 else 0.25, rank=4))

@@ -1,20 +1,21 @@
-"""The embedded default job: HyperDreamBooth end to end in the toy world, with the paper's ablation.
+"""The main job: HyperDreamBooth's Table 1 and ablation, reproduced in the toy world.
 
-``python -m hdb_jax.train --config configs/demo.py`` on the shipped toy base model:
+``python -m hdb_jax.train --config configs/demo.py`` (what ``make demo`` runs):
 
-1. pre-optimise LiDB weights for ``preopt.data.identities`` synthetic identities (stage 1);
-2. train the hypernetwork on them (stage 2), which writes its bundle;
-3. personalise each held-out identity from one render (its reference) in four ways -- the
-   paper's ablation rows: ``base`` (no personalisation), ``hypernet`` (prediction only),
-   ``hypernet+finetune`` (prediction + rank-relaxed fast finetune) and ``finetune_from_zero``
-   (the same finetune from a zero prediction);
-4. score each: the held-out denoising loss on the identity's *other* renders with "a sks face",
-   and the identity similarity (:mod:`hdb_jax.toy.identity`) of sampled images to the reference;
-5. write ``report.json``, each identity's personal weights (``personal/<identity>/``, with the
-   ``lora/`` export) and ``grid.png``: one row per identity, the reference, then
-   ``samples_per_row`` seeds of each row of the ablation, in the order above.
+1. loads the shipped toy base model, hypernetwork bundle and evaluators once (``retrain=True``
+   reruns stages 1-2 -- pre-optimisation, hypernetwork training -- with the same code first);
+2. personalises each held-out identity (never seen by any toy model) from one reference render
+   with every method of :mod:`hdb_jax.demo_methods` (the slow baselines on a stated subset);
+3. samples each personal model on the evaluation prompts and seeds, and "a face" for the prior;
+4. scores identity, subject fidelity, prompt fidelity and prior realism (:mod:`hdb_jax.eval.toy`)
+   and reports each with a 95% bootstrap interval over identities, prompts and seeds.
 
-Stages 1-2 resume like their own jobs (rerun the command); a finished stage is skipped.
+Outputs in ``workdir``: ``report.json`` (layout: ``{"rows": [{"row", "identity": {"mean",
+"ci95"}, "subject_fidelity", "prompt_fidelity", "prior_realism", "steps", "seconds_per_identity",
+"bytes", "identities"}, ...], ...}``), ``report.md``, ``grid.png`` (per grid identity, one row per
+prompt: the reference, then one sample of every method) and ``personal/<row>/<identity>/``.
+Per-(row, identity) scores are cached in ``scores/``, so a rerun (after an interruption, or with
+more rows) computes only what is missing.
 """
 
 from __future__ import annotations
@@ -26,143 +27,152 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hdb_jax import adapters as A
-from hdb_jax import build, diffusion, images, metrics, preopt, sample
+from hdb_jax import build, demo_methods, images, sample
 from hdb_jax.data import synthetic
-from hdb_jax.hypernet import bundle as bundle_lib
+from hdb_jax.eval import report as report_lib
+from hdb_jax.eval import toy
 from hdb_jax.hypernet import train as hypernet_train
-from hdb_jax.personalize import Personalizer, enable_compile_cache, zero_prediction
-from hdb_jax.toy import identity as identity_lib
+from hdb_jax.personalize import Personalizer, enable_compile_cache
 
-ROWS = ("base", "hypernet", "hypernet+finetune", "finetune_from_zero")
-
-
-def _render(identity_id: int, index: int, resolution: int, seed: int) -> np.ndarray:
-    ident = synthetic.identity(identity_id, seed)
-    return synthetic.render_face(ident, synthetic.variation(identity_id, index, seed, style="photo"), resolution)
+ROWS = demo_methods.ROWS
 
 
-def run_stages(config: ml_collections.ConfigDict, sd, params) -> dict[str, float]:
-    """Stages 1 and 2 on the base model ``(sd, params)`` (skipped when their outputs exist); wall times."""
-    times = {}
-    t = time.perf_counter()
-    preopt.train(config.preopt, sd, params)
-    times["preopt"] = time.perf_counter() - t
-    bundle_dir = Path(config.hypernet.workdir) / "hypernet"
-    t = time.perf_counter()
-    if not (bundle_dir / bundle_lib.WEIGHTS).is_file():
-        hypernet_train.train(config.hypernet, sd, params)
-    times["hypernet"] = time.perf_counter() - t
-    return times
+def _reference(identity: int, resolution: int, seed: int) -> np.ndarray:
+    return synthetic.render_batch([identity], [0], ["photo"], seed, resolution)[0]
 
 
-def evaluate(config: ml_collections.ConfigDict, p: Personalizer, scorer) -> tuple[dict, np.ndarray]:
-    """Personalises every held-out identity four ways; returns per-row metrics and the grid images."""
+def _score(evaluator: toy.ToyEvaluator, e, drawn: np.ndarray, reference: np.ndarray, real: np.ndarray) -> dict:
+    """Per-sample metrics of one personal model: ``[P, S]`` arrays and the prior's ``[S']``."""
+    p, s = len(e.prompts), e.seeds
+    main, prior = drawn[: p * s], drawn[p * s:]
+    prompts = [q for q in e.prompts for _ in range(s)]
+    fidelity = evaluator.subject_fidelity(main, reference, prompts)
+    realism = evaluator.realism(prior, real)
+    return {"identity": evaluator.identity_scores(main, reference).reshape(p, s),
+            "subject_fidelity": fidelity.reshape(p, s),
+            "prompt_fidelity": evaluator.prompt_fidelity(main, prompts).reshape(p, s),
+            "prior_realism": realism["in_real_manifold"].astype(np.float64), "face": evaluator.face(prior)}
+
+
+def _sampler(config, sd):
     e = config.eval
-    res = p.sd.default_resolution
-    loss_fn = diffusion.make_heldout_loss(p.sd, e.noise_draws)
-    prompt_ids = np.asarray(p.sd.tokenize([config.personalize.prompt] * e.heldout_views))
-    seeds = list(range(e.samples_per_identity))
-    per_row: dict[str, dict[str, list]] = {r: {"heldout_loss": [], "identity_score": [], "seconds": []} for r in ROWS}
-    grid = []
-    bar = metrics.progress(len(e.identities), desc="personalise + score")
-    for n, identity_id in enumerate(e.identities):
-        reference = _render(identity_id, 0, res, config.data_seed)
-        views = np.stack([_render(identity_id, i, res, config.data_seed) for i in range(1, e.heldout_views + 1)])
-        pixels = jnp.asarray(images.to_unit_range(views))
-        key = jax.random.PRNGKey(config.seed + n)
-        t = time.perf_counter()
-        predicted = jax.block_until_ready(p.predict(reference))
-        t_predict = time.perf_counter() - t
-        models = {"base": (p.params, 0.0)}
-        models["hypernet"] = (A.merge_all(p.params, p.bundle.adapters, predicted, p.bundle.basis), t_predict)
-        for row, start in (("hypernet+finetune", predicted), ("finetune_from_zero", zero_prediction(p.bundle.adapters))):
-            t = time.perf_counter()
-            adapters, tree, _ = p.finetune_from(start, reference, key)
-            jax.block_until_ready(tree)
-            seconds = time.perf_counter() - t + (t_predict if row == "hypernet+finetune" else 0.0)
-            models[row] = (A.merge_all(p.params, adapters, tree), seconds)
-            if row == "hypernet+finetune":
-                p.export(Path(config.workdir) / "personal" / str(identity_id), adapters, tree,
-                         extra={"identity": identity_id, "source": "synthetic render 0"})
-        row_images = [reference]
-        for row in ROWS:
-            params, seconds = models[row]
-            loss = float(loss_fn(params, pixels, prompt_ids, jax.random.PRNGKey(config.seed + 1000 + n)))
-            drawn = sample.sample(p.sd, params, [config.personalize.prompt] * len(seeds), seeds, num_steps=e.sample_steps,
-                                  guidance_scale=e.guidance_scale, batch_size=len(seeds), progress=False)
-            score = float(np.mean(scorer.similarity(drawn, reference)))
-            per_row[row]["heldout_loss"].append(loss)
-            per_row[row]["identity_score"].append(score)
-            per_row[row]["seconds"].append(seconds)
-            row_images.extend(drawn[: e.samples_per_row])
-        grid.append(np.stack(row_images))
-        bar.update(1)
-    bar.close()
-    return per_row, np.concatenate(grid)
+    prompts = [q.replace("sks", e.token) for q in e.prompts for _ in range(e.seeds)] + [e.prior_prompt] * e.prior_seeds
+    seeds = [k for _ in e.prompts for k in range(e.seeds)] + list(range(100, 100 + e.prior_seeds))
+
+    def draw(params) -> np.ndarray:
+        return sample.sample(sd, params, prompts, seeds, num_steps=e.sample_steps, guidance_scale=e.guidance_scale,
+                             batch_size=len(prompts), progress=False)
+
+    return draw
+
+
+def _cached(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def evaluate(config, sd, params, p: Personalizer, evaluator, workdir: Path) -> dict[str, dict[int, dict]]:
+    """Scores of every row and identity (computed, or read from ``workdir/scores``)."""
+    e, res = config.eval, sd.default_resolution
+    draw, real = _sampler(config, sd), toy.real_renders(e.real_renders, resolution=res)
+    refs = {int(i): _reference(int(i), res, config.data_seed) for i in e.identities}
+    slow_ids = [int(i) for i in e.identities][: e.baseline_identities]
+    scores: dict[str, dict[int, dict]] = {}
+    for row in [r for r in e.rows if r in ROWS]:
+        ids = slow_ids if row in demo_methods.SLOW_ROWS else list(refs)
+        todo = [i for i in ids if _cached(workdir / "scores" / row / f"{i}.npz") is None]
+        made = {}
+        if row == "oracle" and todo:
+            made = demo_methods.oracle(config.oracle, sd, params, {i: refs[i] for i in todo}, os.fspath(workdir),
+                                       p.bundle)
+        for n, i in enumerate(todo):
+            print(f"{row}: identity {i} ({n + 1}/{len(todo)})", flush=True)
+            out_dir = os.fspath(workdir / "personal" / row / str(i))
+            if row in demo_methods.SLOW_ROWS:
+                made[i] = demo_methods.slow(row, config.baselines[row], sd, params, i, os.fspath(workdir / "baselines"))
+            elif row != "oracle":
+                made[i] = demo_methods.fast(row, p, refs[i], jax.random.PRNGKey(config.seed + i), out_dir, e.k_short)
+            drawn = draw(made[i].params)
+            result = _score(evaluator, e, drawn, refs[i], real)
+            result.update(steps=made[i].steps, seconds=made[i].seconds, bytes=made[i].bytes, samples=drawn)
+            (workdir / "scores" / row).mkdir(parents=True, exist_ok=True)
+            np.savez(workdir / "scores" / row / f"{i}.npz", **result)
+        scores[row] = {i: _cached(workdir / "scores" / row / f"{i}.npz") for i in ids}
+    return scores
+
+
+def grid(config, scores: Mapping[str, Mapping[int, dict]], resolution: int) -> np.ndarray:
+    """Rows: grid identity x prompt; columns: the reference, then seed 0 of every method."""
+    e = config.eval
+    rows = [r for r in e.rows if r in scores]
+    cells = []
+    for i in [int(x) for x in e.identities][: e.grid_identities]:
+        for q in range(len(e.prompts)):
+            cells.append(_reference(i, resolution, config.data_seed))
+            for row in rows:
+                drawn = scores[row].get(i, {}).get("samples")
+                cells.append(drawn[q * e.seeds] if drawn is not None else np.full((resolution, resolution, 3), 255, np.uint8))
+    return images.grid(np.stack(cells), cols=1 + len(rows))
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-    """The demo job (``config.job = "demo"``): stages 1-3 and the report."""
+    """The demo job (``config.job = "demo"``)."""
     t0 = time.perf_counter()
     enable_compile_cache(config.personalize.compile_cache)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    scorer = identity_lib.load(config.eval.identity_encoder or None)
-    sd, params = build.base_model(config.personalize.model)  # the one load of the base model
-    times = run_stages(config, sd, params)
+    sd, params = build.base_model(config.model)  # the one load of the base model
+    times: dict[str, float] = {}
+    if config.retrain:
+        from hdb_jax import preopt
+
+        t = time.perf_counter()
+        preopt.train(config.preopt, sd, params)
+        if not (Path(config.hypernet.workdir) / "hypernet" / "hypernet.safetensors").is_file():
+            hypernet_train.train(config.hypernet, sd, params)
+        times["retrain"] = time.perf_counter() - t
+    evaluator = toy.ToyEvaluator.load()
     p = Personalizer.load(config.personalize, sd=sd, params=params)
     t = time.perf_counter()
-    compile_s = p.compile()
-    per_row, grid = evaluate(config, p, scorer)
-    times["personalize_and_score"] = time.perf_counter() - t
-    reference_scores = _reference_scores(config, scorer, sd.default_resolution)
-    rows = [{"row": r, "heldout_loss": float(np.mean(v["heldout_loss"])), "identity_score": float(np.mean(v["identity_score"])),
-             "seconds_per_identity": float(np.mean(v["seconds"])), "per_identity": {k: [round(x, 4) for x in v[k]]
-                                                                                     for k in ("heldout_loss", "identity_score")}}
-            for r, v in per_row.items()]
-    cols = 1 + len(ROWS) * config.eval.samples_per_row
-    grid_path = images.save_grid(grid, workdir / "grid.png", cols=cols)
-    hyper_heldout = Path(config.hypernet.workdir) / "heldout.json"
+    scores = evaluate(config, sd, params, p, evaluator, workdir)
+    times["personalise_and_score"] = time.perf_counter() - t
+    rows = [report_lib.summarise(row, per_id, replicates=config.eval.replicates) for row, per_id in scores.items()]
+    grid_path = images.save_grid(grid(config, scores, sd.default_resolution), workdir / "grid.png")
+    bars = {"hypernet_vs_base": report_lib.compare(rows, "hypernet", "base"),
+            "hypernet+finetune_vs_zero@10": report_lib.compare(rows, "hypernet+finetune@10", "finetune_from_zero@10"),
+            "hypernet+finetune_vs_zero@40": report_lib.compare(rows, "hypernet+finetune", "finetune_from_zero")}
     report = {
         "rows": rows,
-        "identities": list(config.eval.identities),
-        "reference_scores": reference_scores,
-        "hypernet_heldout": json.loads(hyper_heldout.read_text()) if hyper_heldout.is_file() else None,
+        "bars": bars,
+        "identities": [int(i) for i in config.eval.identities],
+        "baseline_identities": [int(i) for i in config.eval.identities][: config.eval.baseline_identities],
+        "prompts": list(config.eval.prompts),
+        "seeds": config.eval.seeds,
+        "hypernet": os.fspath(config.personalize.hypernet),
+        "hypernet_card": _bundle_extra(config.personalize.hypernet),
         "finetune": {k: config.personalize.relax[k] for k in ("variant", "rank", "steps", "learning_rate", "batch_size")},
-        "compile_s": round(compile_s, 2),
         "times_s": {k: round(v, 1) for k, v in {**times, "total": time.perf_counter() - t0}.items()},
         "grid": os.fspath(grid_path),
-        "grid_layout": f"rows: identities {list(config.eval.identities)}; columns: reference, then {config.eval.samples_per_row} "
-                       f"seeds of each of {list(ROWS)}",
-        "base_model": config.personalize.model.source,
+        "grid_layout": f"per grid identity, one row per prompt {list(config.eval.prompts)}: the reference, then seed 0 of "
+                       f"{[r for r in config.eval.rows if r in scores]}",
+        "base_model": config.model.source,
     }
     (workdir / "report.json").write_text(json.dumps(report, indent=1))
-    print(format_report(report))
+    (workdir / "report.md").write_text(report_lib.markdown(rows) + "\n")
+    print(report_lib.markdown(rows))
+    print(f"grid: {grid_path}")
     return report
 
 
-def _reference_scores(config, scorer, resolution: int) -> dict[str, float]:
-    """What the identity score means here: same identity (other renders) vs other identities."""
-    ids = list(config.eval.identities)
-    refs = np.stack([_render(i, 0, resolution, config.data_seed) for i in ids])
-    others = np.stack([_render(i, 1, resolution, config.data_seed) for i in ids])
-    sims = scorer.embed(others) @ scorer.embed(refs).T  # [n, n]
-    n = len(ids)
-    off = (sims.sum() - np.trace(sims)) / max(n * (n - 1), 1)
-    return {"same_identity_render": float(np.mean(np.diag(sims))), "other_identity_render": float(off) if n > 1 else None}
+def _bundle_extra(path) -> dict[str, Any]:
+    from hdb_jax.hypernet import bundle
 
-
-def format_report(report: Mapping[str, Any]) -> str:
-    lines = [f"{'row':<20}{'held-out loss':>14}{'identity score':>16}{'s / identity':>14}"]
-    for r in report["rows"]:
-        lines.append(f"{r['row']:<20}{r['heldout_loss']:>14.4f}{r['identity_score']:>16.4f}{r['seconds_per_identity']:>14.2f}")
-    ref = report["reference_scores"]
-    lines.append(f"identity score of real renders: same identity {ref['same_identity_render']:.4f}, "
-                 f"other identities {ref['other_identity_render']}")
-    lines.append(f"grid: {report['grid']}")
-    return "\n".join(lines)
+    try:
+        return bundle.read_meta(path).get("extra", {})
+    except bundle.BundleError:
+        return {}

@@ -80,8 +80,8 @@ class Personalizer:
     optimizer: optax.GradientTransformation
     finetune: relax.Finetune
     input_ids: np.ndarray
-    _predict: Any = None
-    _run: Any = None
+    _predict: dict = dataclasses.field(default_factory=dict)  # iterations -> compiled prediction
+    _run: dict = dataclasses.field(default_factory=dict)  # finetune steps -> compiled K-step program
 
     @classmethod
     def load(cls, config: ml_collections.ConfigDict, *, sd=None, params=None) -> "Personalizer":
@@ -99,49 +99,71 @@ class Personalizer:
         return cls(sd, params, bundle, config, fingerprint, optimizer, finetune, ids)
 
     # ---------------------------------------------------------------- compiled programs
-    def _predict_fn(self, images):
-        net = self.bundle.net
-        return net.apply({"params": self.bundle.params}, resize_images(images, net.image_size))
+    @property
+    def resolution(self) -> int:
+        return self.config.model.resolution if self.config.model.resolution > 0 else self.sd.default_resolution
 
-    def compile(self) -> float:
+    def _predict_fn(self, images, iterations: int | None):
+        net = self.bundle.net
+        return net.apply({"params": self.bundle.params}, resize_images(images, net.image_size), iterations)
+
+    def _compiled_predict(self, iterations: int | None):
+        if iterations not in self._predict:
+            image = jax.ShapeDtypeStruct((1, self.resolution, self.resolution, 3), jnp.float32)
+            self._predict[iterations] = jax.jit(self._predict_fn, static_argnums=1).lower(image, iterations).compile()
+        return self._predict[iterations]
+
+    def _compiled_run(self, steps: int):
+        if steps not in self._run:
+            relaxed = self.relax(zero_prediction(self.bundle.adapters), jax.random.PRNGKey(0))
+            state = relax.init_state(relaxed, self.optimizer)
+            spec = lambda t: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t)  # noqa: E731
+            res = self.resolution
+            self._run[steps] = self.finetune.run.lower(
+                spec(state), spec(relaxed.frozen), jax.ShapeDtypeStruct((res, res, 3), jnp.float32),
+                spec(jnp.asarray(self.input_ids)), spec(jax.random.PRNGKey(0)), steps).compile()
+        return self._run[steps]
+
+    def compile(self, steps: int | None = None) -> float:
         """Compiles (or fetches from the persistent cache) prediction and the K-step finetune; seconds."""
         t0 = time.perf_counter()
-        res = self.config.model.resolution if self.config.model.resolution > 0 else self.sd.default_resolution
-        image = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
-        self._predict = jax.jit(self._predict_fn).lower(image).compile()
-        relaxed = self.relax(zero_prediction(self.bundle.adapters), jax.random.PRNGKey(0))
-        state = relax.init_state(relaxed, self.optimizer)
-        spec = lambda t: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t)  # noqa: E731
-        self._run = self.finetune.run.lower(spec(state), spec(relaxed.frozen), jax.ShapeDtypeStruct((res, res, 3), jnp.float32),
-                                            spec(jnp.asarray(self.input_ids)), spec(jax.random.PRNGKey(0)), self.config.relax.steps).compile()
+        self._compiled_predict(None)
+        self._compiled_run(steps or self.config.relax.steps)
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- stages
-    def predict(self, image: np.ndarray) -> dict:
-        """uint8 ``[H, W, 3]`` -> the predicted LiDB trainable tree (one identity, no batch axis)."""
-        if self._predict is None:
-            self.compile()
+    def predict(self, image: np.ndarray, iterations: int | None = None) -> dict:
+        """uint8 ``[H, W, 3]`` -> the predicted LiDB trainable tree (one identity, no batch axis).
+
+        ``iterations`` overrides the bundle's refinement steps (1: no iterative prediction).
+        """
         pixels = jnp.asarray(images.to_unit_range(image[None]))
-        return jax.tree_util.tree_map(lambda x: x[0], self._predict(pixels))
+        return jax.tree_util.tree_map(lambda x: x[0], self._compiled_predict(iterations)(pixels))
 
     def relax(self, predicted: Mapping[str, Any], key: jax.Array) -> relax.Relaxed:
         b, r = self.bundle, self.config.relax
         return relax.relax(r.variant, self.params, b.adapters, b.basis, predicted, rank=r.rank, alpha=r.alpha or None, key=key)
 
-    def finetune_from(self, predicted: Mapping[str, Any], image: np.ndarray, key: jax.Array) -> tuple[dict, dict, np.ndarray]:
+    def finetune_from(self, predicted: Mapping[str, Any], image: np.ndarray, key: jax.Array,
+                      steps: int | None = None) -> tuple[dict, dict, np.ndarray]:
         """Relaxes ``predicted`` and runs the compiled K-step finetune on ``image``.
+
+        Args:
+          predicted: a LiDB prediction (or :func:`zero_prediction`: a LoRA trained from zero).
+          image: the reference photo, uint8 ``[H, W, 3]``.
+          key: PRNG key (LoRA init, augmentations, noise).
+          steps: K (default ``config.relax.steps``); each K is compiled once.
 
         Returns:
           ``(adapters, tree, losses)``: the personal model as one LoRA per component relative to
           the base weights (:func:`hdb_jax.relax.fold`), and the per-step losses.
         """
-        if self._run is None:
-            self.compile()
+        run = self._compiled_run(steps or self.config.relax.steps)
         k_init, k_run = jax.random.split(key)
         relaxed = self.relax(predicted, k_init)
         state = relax.init_state(relaxed, self.optimizer)
         pixels = jnp.asarray(images.to_unit_range(image))
-        state, losses = self._run(state, relaxed.frozen, pixels, jnp.asarray(self.input_ids), k_run)
+        state, losses = run(state, relaxed.frozen, pixels, jnp.asarray(self.input_ids), k_run)
         adapters, tree = relax.fold(relaxed, state["trainable"])
         return adapters, tree, np.asarray(losses)
 

@@ -23,6 +23,7 @@ prompt, one column per seed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -101,8 +102,24 @@ def timesteps(sd: StableDiffusion, scheduler: str, num_steps: int, shape=(1, 4, 
 
 
 # -------------------------------------------------------------------- the sampler
+@dataclasses.dataclass(frozen=True)
+class LagSpec:
+    """What LAG sampling needs besides the base weights (see :mod:`hdb_jax.lag`).
+
+    Attributes:
+      adapter: the Residual adapter on the UNet's ``proj_out`` layers.
+      token_ids: the ids of V* and the class word in the prompt.
+      mask_override: None (LAG), or 1.0 / 0.0 (residual everywhere / nowhere, for tests).
+    """
+
+    adapter: Any
+    token_ids: tuple[int, ...]
+    mask_override: float | None = None
+
+
 def guided_model_fn(
-    sd: StableDiffusion, params_unet, cond: jax.Array, uncond: jax.Array | None, guidance_scale: float
+    sd: StableDiffusion, params_unet, cond: jax.Array, uncond: jax.Array | None, guidance_scale: float,
+    lag: tuple[LagSpec, Any, Any, jax.Array] | None = None,
 ) -> ModelFn:
     """The UNet under classifier-free guidance, as a ``model_fn`` for :func:`denoise`.
 
@@ -112,17 +129,36 @@ def guided_model_fn(
       cond: conditional text features [B, L, D].
       uncond: unconditional text features [B, L, D], or None for no guidance.
       guidance_scale: g in ``ε_u + g · (ε_c − ε_u)``.
+      lag: ``(LagSpec, residual trainable, residual frozen, cond token ids [B, L])``: apply a
+        Personalized Residual with localized attention guidance (conditional rows only).
 
     Returns:
       ``(latents [B,C,h,w], t) -> guided output [B,C,h,w]``; with ``uncond`` the two halves
       run as one UNet batch of 2B.
     """
+    def predict(x, t, context, branch, weights):
+        if lag is None:
+            return sd.predict(params_unet, x, t, context)
+        from hdb_jax import lag as lag_lib
+
+        spec, trainable, frozen, _ = lag
+        with lag_lib.lag(spec.adapter, trainable, frozen, weights, branch, mask_override=spec.mask_override):
+            return sd.predict(params_unet, x, t, context)
+
+    b = cond.shape[0]
+    weights = None
+    if lag is not None:
+        from hdb_jax import lag as lag_lib
+
+        weights = lag_lib.token_weights(lag[3], lag[0].token_ids)  # [B, L]
     if uncond is None:
-        return lambda x, t: sd.predict(params_unet, x, t, cond)
+        return lambda x, t: predict(x, t, cond, jnp.ones((b,)), weights)
     context = jnp.concatenate([uncond, cond], axis=0)  # [2B, L, D]
+    branch = jnp.concatenate([jnp.zeros((b,)), jnp.ones((b,))])  # unconditional rows: base weights
+    weights2 = None if weights is None else jnp.concatenate([jnp.zeros_like(weights), weights])
 
     def model_fn(x, t):
-        out = sd.predict(params_unet, jnp.concatenate([x, x], axis=0), t, context)  # [2B, C, h, w]
+        out = predict(jnp.concatenate([x, x], axis=0), t, context, branch, weights2)  # [2B, C, h, w]
         out_u, out_c = jnp.split(out, 2, axis=0)
         return out_u + guidance_scale * (out_c - out_u)
 
@@ -132,7 +168,7 @@ def guided_model_fn(
 @functools.lru_cache(maxsize=16)
 def make_sampler(
     sd: StableDiffusion, *, scheduler: str = "ddim", num_steps: int = 25, guidance_scale: float = 7.5,
-    decode: bool = True, wrap: Callable | None = None,
+    decode: bool = True, wrap: Callable | None = None, lag: LagSpec | None = None,
 ) -> Callable:
     """The jitted sampler ``(params, cond_ids, uncond_ids, latents0) -> images``.
 
@@ -148,6 +184,8 @@ def make_sampler(
       decode: if False, the function returns the final latents [B, C, h, w] instead of images.
       wrap: applied to the traced function before ``jax.jit`` (tests pin traces with
         ``chex.assert_max_traces``).
+      lag: sample a Personalized Residual with localized attention guidance; the function then
+        takes ``lag_trees=(trainable, frozen)`` of the residual (one personal model).
 
     Returns:
       A jitted function of ``params`` (``{"unet", "vae", "text_encoder"}``), ``cond_ids`` and
@@ -157,10 +195,11 @@ def make_sampler(
     sched = make_scheduler(sd, scheduler)
     guided = float(guidance_scale) != 1.0
 
-    def run(params, cond_ids, uncond_ids, latents0):
+    def run(params, cond_ids, uncond_ids, latents0, lag_trees=None):
         cond = sd.encode_text(params["text_encoder"], cond_ids)  # [B, L, D]
         uncond = sd.encode_text(params["text_encoder"], uncond_ids) if guided else None
-        model_fn = guided_model_fn(sd, params["unet"], cond, uncond, float(guidance_scale))
+        lag_args = None if lag is None else (lag, lag_trees[0], lag_trees[1], cond_ids)
+        model_fn = guided_model_fn(sd, params["unet"], cond, uncond, float(guidance_scale), lag_args)
         latents = denoise(sched, num_steps, model_fn, latents0.astype(jnp.float32))
         if not decode:
             return latents
@@ -188,6 +227,7 @@ def sample(
     sd: StableDiffusion, params: Mapping[str, Any], prompts: Sequence[str], seeds: Sequence[int], *,
     negative_prompt: str = "", scheduler: str = "ddim", num_steps: int = 25, guidance_scale: float = 7.5,
     batch_size: int = 4, resolution: int | None = None, progress: bool = True,
+    lag: tuple[LagSpec, Any, Any] | None = None,
 ) -> np.ndarray:
     """Images of (prompt, seed) pairs, in fixed-size batches through one compiled sampler.
 
@@ -204,6 +244,8 @@ def sample(
         this size, so each image comes out of the same compiled program.
       resolution: image side in pixels (default: the model's).
       progress: show a tqdm bar over batches.
+      lag: ``(LagSpec, trainable, frozen)`` of a Personalized Residual sampled with localized
+        attention guidance (``params`` are then the base weights, the residual unmerged).
 
     Returns:
       uint8 images [N, H, W, 3].
@@ -214,14 +256,16 @@ def sample(
     if n != len(seeds) or not n or batch_size < 1:
         raise ValueError(f"need one seed per prompt and a positive batch size; got {n} prompts, "
                          f"{len(seeds)} seeds, batch_size={batch_size}")
-    fn = make_sampler(sd, scheduler=scheduler, num_steps=num_steps, guidance_scale=guidance_scale)
+    fn = make_sampler(sd, scheduler=scheduler, num_steps=num_steps, guidance_scale=guidance_scale,
+                      lag=None if lag is None else lag[0])
+    extra = () if lag is None else ((lag[1], lag[2]),)
     cond_ids = sd.tokenize(list(prompts))  # [N, L]
     uncond_ids = np.broadcast_to(sd.tokenize([negative_prompt]), cond_ids.shape)  # [N, L]
     latents = np.asarray(initial_latents(sd, seeds, resolution, scheduler=scheduler))  # [N, C, h, w]
     chunks = []
     for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", disable=not progress):
         rows = np.arange(start, start + batch_size).clip(max=n - 1)  # pad by repeating the last
-        out = fn(params, cond_ids[rows], uncond_ids[rows], latents[rows])
+        out = fn(params, cond_ids[rows], uncond_ids[rows], latents[rows], *extra)
         chunks.append(to_uint8(out)[: n - start])
     return np.concatenate(chunks, axis=0)
 

@@ -177,3 +177,36 @@ def tfds_images(name: str, split: str, *, data_dir: str, manual_dir: Optional[st
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
     return iter(tfds.as_numpy(ds))
+
+
+def identities(data, resolution: int, wanted=None):
+    """A TFDS image dataset as an identity source: every example is one identity with one view.
+
+    That is how HyperDreamBooth reads CelebA-HQ (15K images, each its own identity). Examples
+    are read in file order (no shuffle), so identity ``i`` is always example ``i``; the first
+    ``data.count`` examples are decoded into memory (``count x resolution^2 x 3`` bytes).
+
+    Args:
+      data: a config section with ``tfds_name``, ``split``, ``data_dir``, ``manual_dir``,
+        ``count`` (and optionally ``image_key``).
+      resolution: image side.
+      wanted: keep only these identities (example indices).
+
+    Returns:
+      An :class:`hdb_jax.data.identities.ArrayIdentities`.
+    """
+    from hdb_jax.data.identities import ArrayIdentities
+    from hdb_jax.images import to_uint8
+
+    count = int(data["count"])
+    batches = tfds_images(data["tfds_name"], data["split"], data_dir=data["data_dir"],
+                          manual_dir=data.get("manual_dir") or None, resolution=resolution,
+                          image_key=data.get("image_key", "image") or "image", batch_size=min(64, count), seed=0,
+                          shuffle=False, drop_remainder=False)
+    images = []
+    for batch in batches:
+        images.extend(to_uint8(batch["image"]))
+        if len(images) >= count:
+            break
+    keep = range(len(images[:count])) if wanted is None else [int(i) for i in wanted]
+    return ArrayIdentities({i: images[i][None] for i in keep})

@@ -76,12 +76,21 @@ class ToyEvaluator:
         """Cosine ``[N]`` of each sample's identity embedding to its reference's (one, or one per sample)."""
         return np.asarray(self.identity.similarity(samples, references), np.float64)
 
-    def subject_fidelity(self, samples: np.ndarray, references: np.ndarray) -> np.ndarray:
-        """Fraction ``[N]`` of :attr:`subject_labels` the classifier reads the same on sample and reference."""
+    def subject_fidelity(self, samples: np.ndarray, references: np.ndarray,
+                         prompts: Sequence[str] | None = None) -> np.ndarray:
+        """Fraction ``[N]`` of :attr:`subject_labels` the classifier reads the same on sample and reference.
+
+        With ``prompts``, an attribute a sample's prompt asks to change ("wearing a hat") is not
+        held against it: only the others count for that sample.
+        """
         got = self.attributes.predict(samples)
         ref = self.attributes.predict(references if references.ndim == 4 else references[None])
-        agree = [got[k] == np.broadcast_to(ref[k], got[k].shape) for k in self.subject_labels]
-        return np.mean(np.stack(agree), axis=0).astype(np.float64)
+        agree = np.stack([got[k] == np.broadcast_to(ref[k], got[k].shape) for k in self.subject_labels], axis=1)  # [N, L]
+        counted = np.ones_like(agree, bool)
+        for i, prompt in enumerate(prompts or ()):
+            changed = set(asked(prompt))
+            counted[i] = [k not in changed for k in self.subject_labels]
+        return (np.sum(agree & counted, axis=1) / np.sum(counted, axis=1)).astype(np.float64)
 
     def prompt_fidelity(self, samples: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """Fraction ``[N]`` of what each sample's prompt asked that the classifier detects (NaN: nothing asked)."""

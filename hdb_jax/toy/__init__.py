@@ -15,3 +15,8 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 def base_model_dir() -> Path:
     """The shipped toy base model (a diffusers-format directory)."""
     return WEIGHTS_DIR / "base"
+
+
+def hypernet_dir() -> Path:
+    """The shipped hypernetwork bundle for the toy base model (see its MODEL_CARD.md)."""
+    return WEIGHTS_DIR / "hypernet"
