@@ -40,6 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.relax.weight_decay = 0.0
     c.relax.grad_clip = 1.0
     c.relax.batch_size = 4  # augmented views of the photo per step
-    c.relax.flip = True
+    c.relax.flip = False  # a mirrored face is another face (the toy faces' hair parts the other way)
     c.relax.shift = 2  # random translation, pixels
+    c.relax.photos_per_program = 8  # a folder of photos is personalised this many per compiled program
+    c.relax.map_batch = 1  # photos vmapped together inside a program (1: each exactly as a single run)
     return c

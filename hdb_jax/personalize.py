@@ -78,10 +78,9 @@ class Personalizer:
     config: ml_collections.ConfigDict
     fingerprint: str
     optimizer: optax.GradientTransformation
-    finetune: relax.Finetune
     input_ids: np.ndarray
     _predict: dict = dataclasses.field(default_factory=dict)  # iterations -> compiled prediction
-    _run: dict = dataclasses.field(default_factory=dict)  # finetune steps -> compiled K-step program
+    _run: dict = dataclasses.field(default_factory=dict)  # (photos, steps) -> compiled finetune program
 
     @classmethod
     def load(cls, config: ml_collections.ConfigDict, *, sd=None, params=None) -> "Personalizer":
@@ -93,10 +92,8 @@ class Personalizer:
         bundle = bundle_lib.load(config.hypernet, jax.eval_shape(lambda: params), base_fingerprint=fingerprint)
         r = config.relax
         optimizer = build.optimizer(dict(learning_rate=r.learning_rate, weight_decay=r.weight_decay, grad_clip=r.grad_clip))
-        adapters = {c: A.Adapter(A.LoRA(rank=r.rank, alpha=r.alpha or None), a.targets, c) for c, a in bundle.adapters.items()}
-        finetune = relax.make_finetune(sd, adapters, optimizer, batch_size=r.batch_size, flip=r.flip, shift=r.shift)
         ids = np.asarray(sd.tokenize([config.prompt]))[0]
-        return cls(sd, params, bundle, config, fingerprint, optimizer, finetune, ids)
+        return cls(sd, params, bundle, config, fingerprint, optimizer, ids)
 
     # ---------------------------------------------------------------- compiled programs
     @property
@@ -113,22 +110,37 @@ class Personalizer:
             self._predict[iterations] = jax.jit(self._predict_fn, static_argnums=1).lower(image, iterations).compile()
         return self._predict[iterations]
 
-    def _compiled_run(self, steps: int):
-        if steps not in self._run:
-            relaxed = self.relax(zero_prediction(self.bundle.adapters), jax.random.PRNGKey(0))
-            state = relax.init_state(relaxed, self.optimizer)
-            spec = lambda t: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t)  # noqa: E731
+    def _start(self, predicted: Mapping[str, Any], key: jax.Array):
+        """``(relaxed, state, applied prediction, run key)`` of one identity (see :meth:`finetune_many`)."""
+        b, r = self.bundle, self.config.relax
+        k_init, k_run = jax.random.split(key)
+        rx = relax.relax(r.variant, None, b.adapters, b.basis, predicted, rank=r.rank, alpha=r.alpha or None, key=k_init)
+        applied = predicted if r.variant == "fresh" else jax.tree_util.tree_map(jnp.zeros_like, predicted)
+        return rx, relax.init_state(rx, self.optimizer), applied, k_run
+
+    def _compiled_run(self, n: int, steps: int):
+        """The N-photo, K-step program (AOT-compiled once per (N, K); cached on disk too)."""
+        if (n, steps) not in self._run:
+            r = self.config.relax
+            rx, state, applied, k_run = self._start(zero_prediction(self.bundle.adapters), jax.random.PRNGKey(0))
+            program = relax.make_batched_finetune(self.sd, rx.adapters, self.bundle.adapters, self.optimizer,
+                                                  batch_size=r.batch_size, flip=r.flip, shift=r.shift,
+                                                  map_batch=r.get("map_batch", 1))
+            spec = lambda t: jax.tree_util.tree_map(  # noqa: E731
+                lambda x: jax.ShapeDtypeStruct((n, *jnp.shape(x)), jnp.result_type(x)), t)
+            plain = lambda t: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t)  # noqa: E731
             res = self.resolution
-            self._run[steps] = self.finetune.run.lower(
-                spec(state), spec(relaxed.frozen), jax.ShapeDtypeStruct((res, res, 3), jnp.float32),
-                spec(jnp.asarray(self.input_ids)), spec(jax.random.PRNGKey(0)), steps).compile()
-        return self._run[steps]
+            self._run[(n, steps)] = program.lower(
+                spec(state), spec(applied), plain(self.params), plain(self.bundle.basis),
+                jax.ShapeDtypeStruct((n, res, res, 3), jnp.float32), plain(jnp.asarray(self.input_ids)), spec(k_run),
+                steps).compile()
+        return self._run[(n, steps)]
 
     def compile(self, steps: int | None = None) -> float:
         """Compiles (or fetches from the persistent cache) prediction and the K-step finetune; seconds."""
         t0 = time.perf_counter()
         self._compiled_predict(None)
-        self._compiled_run(steps or self.config.relax.steps)
+        self._compiled_run(1, steps or self.config.relax.steps)
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- stages
@@ -158,14 +170,36 @@ class Personalizer:
           ``(adapters, tree, losses)``: the personal model as one LoRA per component relative to
           the base weights (:func:`hdb_jax.relax.fold`), and the per-step losses.
         """
-        run = self._compiled_run(steps or self.config.relax.steps)
-        k_init, k_run = jax.random.split(key)
-        relaxed = self.relax(predicted, k_init)
-        state = relax.init_state(relaxed, self.optimizer)
-        pixels = jnp.asarray(images.to_unit_range(image))
-        state, losses = run(state, relaxed.frozen, pixels, jnp.asarray(self.input_ids), k_run)
-        adapters, tree = relax.fold(relaxed, state["trainable"])
-        return adapters, tree, np.asarray(losses)
+        return self.finetune_many([predicted], np.asarray(image)[None], jnp.stack([key]), steps)[0]
+
+    def finetune_many(self, predicted: list[Mapping[str, Any]], references: np.ndarray, keys: jax.Array,
+                      steps: int | None = None) -> list[tuple[dict, dict, np.ndarray]]:
+        """:meth:`finetune_from` for N photos at once, as one compiled program (compiled once per N, K).
+
+        The base weights are shared (each prediction is applied in activation space, see
+        :func:`hdb_jax.relax.make_batched_finetune`), so identity i gets exactly what
+        ``finetune_from(predicted[i], references[i], keys[i])`` gives.
+
+        Args:
+          predicted: N LiDB predictions (or zero predictions).
+          references: uint8 ``[N, H, W, 3]``.
+          keys: ``[N]`` PRNG keys.
+
+        Returns:
+          N ``(adapters, tree, losses)``.
+        """
+        steps = steps or self.config.relax.steps
+        started = [self._start(p, k) for p, k in zip(predicted, keys)]
+        stack = lambda trees: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)  # noqa: E731
+        run = self._compiled_run(len(started), steps)
+        pixels = jnp.asarray(images.to_unit_range(np.asarray(references)))
+        states, losses = run(stack([s[1] for s in started]), stack([s[2] for s in started]), self.params, self.bundle.basis,
+                             pixels, jnp.asarray(self.input_ids), jnp.stack([s[3] for s in started]))
+        out = []
+        for i, (rx, *_) in enumerate(started):
+            adapters, tree = relax.fold(rx, jax.tree_util.tree_map(lambda x: x[i], states["trainable"]))
+            out.append((adapters, tree, np.asarray(losses[i])))
+        return out
 
     def export(self, out: str | os.PathLike, adapters: Mapping[str, A.Adapter], tree: Mapping[str, Any],
                extra: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -180,34 +214,65 @@ class Personalizer:
 
 
 def personalize(config: ml_collections.ConfigDict, image_path: str, out: str) -> dict:
-    """Runs the whole pipeline for one photo; returns timings, losses and the written files."""
+    """Runs the whole pipeline for one photo, or for every photo of a folder; returns timings and files.
+
+    A folder is personalised in programs of ``config.relax.photos_per_program`` photos (one compile
+    per batch shape) and each photo's files go to ``out/<file stem>/``; the report adds
+    ``identities_per_s`` (hypernetwork + finetune time only).
+    """
     enable_compile_cache(config.compile_cache)
     timings = {}
     t0 = time.perf_counter()
-    configs_only = loading.load_configs(config.model.source)  # no weights: the image is checked first
+    configs_only = loading.load_configs(config.model.source)  # no weights: the images are checked first
     resolution = config.model.resolution if config.model.resolution > 0 else configs_only.default_resolution
-    image = validate_image(image_path, resolution, config)
+    if os.path.isdir(image_path):
+        photos = folder.ImageFolder(image_path, resolution=resolution, min_size=config.min_image_size)
+        named = [(Path(photos.paths[i]).stem, photos[i]["image"], photos.paths[i]) for i in range(len(photos))]
+    else:
+        named = [("", validate_image(image_path, resolution, config), image_path)]
     p = Personalizer.load(config)
     timings["load"] = time.perf_counter() - t0
-    timings["compile"] = p.compile()
-    t = time.perf_counter()
-    predicted = jax.block_until_ready(p.predict(image))
-    timings["hypernet"] = time.perf_counter() - t
-    t = time.perf_counter()
-    adapters, tree, losses = p.finetune_from(predicted, image, jax.random.PRNGKey(config.seed))
-    jax.block_until_ready(tree)
-    timings["finetune"] = time.perf_counter() - t
-    t = time.perf_counter()
+    chunk = max(1, min(len(named), int(config.relax.get("photos_per_program", 8))))
+    timings["compile"] = p.compile() if chunk == 1 else p.compile() + _time(lambda: p._compiled_run(chunk, config.relax.steps))
     r = config.relax
-    files = p.export(out, adapters, tree, extra={"image": os.path.abspath(image_path), "variant": r.variant, "rank": r.rank,
-                                                 "steps": r.steps, "learning_rate": r.learning_rate, "prompt": config.prompt,
-                                                 "hypernet_basis_hash": p.bundle.basis_hash})
-    timings["export"] = time.perf_counter() - t
-    report = {"timings_s": {k: round(v, 3) for k, v in timings.items()}, "losses": [float(x) for x in losses],
-              "files": files, "compile_cache": config.compile_cache or None, "device": jax.devices()[0].platform}
+    timings["hypernet"] = timings["finetune"] = timings["export"] = 0.0
+    files, losses = {}, {}
+    for start in range(0, len(named), chunk):
+        group = named[start:start + chunk]
+        group = group + [group[-1]] * (chunk - len(group))  # pad the last program to its compiled size
+        t = time.perf_counter()
+        predicted = [jax.block_until_ready(p.predict(image)) for _, image, _ in group]
+        timings["hypernet"] += time.perf_counter() - t
+        t = time.perf_counter()
+        keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), start + i) if len(named) > 1
+                          else jax.random.PRNGKey(config.seed) for i in range(len(group))])
+        results = p.finetune_many(predicted, np.stack([image for _, image, _ in group]), keys)
+        jax.block_until_ready(results[-1][1])
+        timings["finetune"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for (stem, _, path), (adapters, tree, loss) in list(zip(group, results))[: len(named) - start]:
+            extra = {"image": os.path.abspath(path), "variant": r.variant, "rank": r.rank, "steps": r.steps,
+                     "learning_rate": r.learning_rate, "prompt": config.prompt, "hypernet_basis_hash": p.bundle.basis_hash}
+            files[stem or "photo"] = p.export(Path(out) / stem if stem else out, adapters, tree, extra=extra)
+            losses[stem or "photo"] = [float(x) for x in loss]
+        timings["export"] += time.perf_counter() - t
+    report = {"timings_s": {k: round(v, 3) for k, v in timings.items()},
+              "identities": len(named), "identities_per_s": round(len(named) / max(timings["hypernet"] + timings["finetune"], 1e-9), 3),
+              "losses": losses["photo"] if len(named) == 1 and "photo" in losses else losses,
+              "files": files["photo"] if len(named) == 1 and "photo" in files else files,
+              "compile_cache": config.compile_cache or None, "device": jax.devices()[0].platform}
+    Path(out).mkdir(parents=True, exist_ok=True)
     Path(out, "timings.json").write_text(json.dumps(report, indent=1))
     print(timing_table(timings))
+    if len(named) > 1:
+        print(f"{len(named)} identities, {report['identities_per_s']} identities/s (hypernet + finetune)")
     return report
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def timing_table(timings: Mapping[str, float]) -> str:
@@ -223,7 +288,7 @@ def main(argv=None) -> None:
 
     config_flag = config_flags.DEFINE_config_file("config", "configs/personalize.py", "configs/personalize.py[:knobs]",
                                                   lock_config=True)
-    flags.DEFINE_string("image", None, "the reference photo (jpg, png, webp, bmp)")
+    flags.DEFINE_string("image", None, "the reference photo (jpg, png, webp, bmp, gif), or a folder of photos")
     flags.DEFINE_string("out", None, "output directory for personal.safetensors, lora/ and timings.json")
     flags.mark_flags_as_required(["image", "out"])
 
@@ -231,7 +296,8 @@ def main(argv=None) -> None:
         logging.set_verbosity(logging.WARNING)
         try:
             personalize(config_flag.value, flags.FLAGS.image, flags.FLAGS.out)
-        except (folder.BadImageError, FileNotFoundError, bundle_lib.BundleError, loading.ModelLoadError) as err:
+        except (folder.BadImageError, folder.NoImagesError, FileNotFoundError, bundle_lib.BundleError,
+                loading.ModelLoadError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
 

@@ -131,7 +131,8 @@ def relax(
     Args:
       variant: ``fresh`` (merge the prediction, train a new LoRA) or ``svd`` (one LoRA that
         starts at the prediction).
-      base_params: ``{"unet", "text_encoder", "vae"}`` of the base model.
+      base_params: ``{"unet", "text_encoder", "vae"}`` of the base model; None skips the merge
+        (``frozen_params`` is then None: the batched program adds predictions in activation space).
       lidb_adapters: ``{component: Adapter}`` of kind ``LiDB``.
       basis: their frozen bases ``{component: {path: {"a_aux", "b_aux"}}}``.
       predicted: one identity's LiDB weights ``{component: {path: {"a_train", "b_train"}}}``.
@@ -153,16 +154,18 @@ def relax(
     trainable = {c: a.init(k) for (c, a), k in zip(adapters.items(), keys)}
 
     if variant == "fresh":
-        frozen_params = dict(base_params)
+        frozen_params = None if base_params is None else dict(base_params)
         for c, lidb in lidb_adapters.items():
-            frozen_params[c] = lidb.merge(base_params[c], predicted[c], basis[c])
+            if frozen_params is not None:
+                frozen_params[c] = lidb.merge(base_params[c], predicted[c], basis[c])
         return Relaxed(variant, frozen_params, adapters, trainable, dict(lidb_adapters), basis, predicted)
 
     for c, lidb in lidb_adapters.items():
         for path in lidb.paths:
             down, up = lidb.kind.factors(predicted[c][path], basis[c][path])
             trainable[c][path] = _lora_holding(kind, trainable[c][path], down, up)
-    return Relaxed(variant, dict(base_params), adapters, trainable, dict(lidb_adapters), basis, predicted)
+    return Relaxed(variant, None if base_params is None else dict(base_params), adapters, trainable,
+                   dict(lidb_adapters), basis, predicted)
 
 
 def init_state(relaxed: Relaxed, optimizer: optax.GradientTransformation) -> dict:
@@ -261,6 +264,58 @@ def make_finetune(
         step=jax.jit(body, donate_argnums=(0,)),
         run=jax.jit(run, static_argnums=(5,), donate_argnums=(0,)),
     )
+
+
+def make_batched_finetune(
+    sd: StableDiffusion,
+    adapters: Mapping[str, A.Adapter],
+    lidb_adapters: Mapping[str, A.Adapter],
+    optimizer: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    flip: bool = True,
+    shift: int = 0,
+    map_batch: int = 1,
+) -> Callable:
+    """N photos' finetunes as one compiled program: a ``lax.map`` of the single-photo scan.
+
+    The base weights are shared, not copied per identity: each identity's LiDB prediction is
+    added in activation space (``fresh``: what :func:`relax` merges into the weights; ``svd``
+    passes zeros, its prediction lives in the LoRA's initial value) and its LoRA on top, so
+    memory grows with the LoRA trees only. Per identity the randomness and the step body are
+    those of :func:`make_finetune` with the same key. ``map_batch`` identities are vmapped
+    together (``lax.map(..., batch_size=)``): 1 keeps every identity's arithmetic exactly that
+    of a single-photo run; more use an accelerator better at the price of float32 reordering.
+
+    Returns:
+      jitted ``run(states [N], params, basis, predicted [N], images [N, H, W, 3], input_ids [L],
+      rngs [N], steps) -> (states, losses [N, steps])``; ``states`` is donated.
+    """
+    sched_state = sd.noise_scheduler.create_state()
+    empty = {c: {} for c in adapters}
+
+    def loss_fn(trainable, predicted, params, basis, images, input_ids, key):
+        with A.attach_all(lidb_adapters, predicted, basis), A.attach_all(adapters, trainable, empty):
+            return diffusion.denoising_loss(sd, sched_state, params, images, input_ids, key)
+
+    def body(state, predicted, params, basis, image, input_ids, rng):
+        k_aug, k_loss = jax.random.split(jax.random.fold_in(rng, state["step"]))
+        views = augment(image, k_aug, batch_size, flip=flip, shift=shift)
+        ids = jnp.broadcast_to(input_ids, (batch_size, *input_ids.shape))
+        loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], predicted, params, basis, views, ids, k_loss)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, loss
+
+    def run_one(state, predicted, params, basis, image, input_ids, rng, steps):
+        return jax.lax.scan(lambda carry, _: body(carry, predicted, params, basis, image, input_ids, rng), state, None,
+                            length=steps)
+
+    def run(states, predicted, params, basis, images, input_ids, rngs, steps):
+        one = lambda xs: run_one(xs[0], xs[1], params, basis, xs[2], input_ids, xs[3], steps)  # noqa: E731
+        return jax.lax.map(one, (states, predicted, images, rngs), batch_size=map_batch)
+
+    return jax.jit(run, static_argnums=(7,), donate_argnums=(0,))
 
 
 def fold(relaxed: Relaxed, trainable: Mapping[str, Tree]) -> tuple[dict[str, A.Adapter], Trees]:

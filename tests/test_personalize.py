@@ -167,3 +167,27 @@ def test_missing_bundle_is_named(tmp_path, face_png):
     config.compile_cache = ""
     with pytest.raises(bundle_lib.BundleError, match="nowhere"):
         personalize.personalize(config, os.fspath(face_png), os.fspath(tmp_path / "out"))
+
+
+def test_batched_personalisation_equals_single_runs_and_compiles_once(toy, bundle_dir):
+    sd, params = toy
+    config = load_config("personalize")
+    config.hypernet, config.relax.steps, config.relax.batch_size = os.fspath(bundle_dir), 3, 2
+    p = personalize.Personalizer.load(config, sd=sd, params=params)
+    ids = [3_000_200, 3_000_201, 3_000_202]
+    refs = synthetic.render_batch(ids, [0] * 3, ["photo"] * 3, 0, 32)
+    keys = [jax.random.PRNGKey(i) for i in range(3)]
+    predicted = [p.predict(r) for r in refs]
+    many = p.finetune_many(predicted, refs, jax.numpy.stack(keys))
+    assert len(p._run) == 1  # one program for the three photos
+    again = p.finetune_many(predicted[::-1], refs[::-1], jax.numpy.stack(keys[::-1]))
+    assert len(p._run) == 1  # reused, not recompiled, for new values of the same shape
+    for i, (pred, ref, key) in enumerate(zip(predicted, refs, keys)):
+        _, tree, losses = p.finetune_from(pred, ref, key)
+        for x, y, z in zip(jax.tree_util.tree_leaves(many[i][1]), jax.tree_util.tree_leaves(tree),
+                           jax.tree_util.tree_leaves(again[2 - i][1])):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(z))
+        np.testing.assert_allclose(many[i][2], losses, atol=1e-5)
+    deltas = [np.asarray(many[i][1]["unet"][next(iter(many[i][1]["unet"]))]["up"]) for i in range(3)]
+    assert np.abs(deltas[0] - deltas[1]).max() > 1e-6  # each photo got its own model
