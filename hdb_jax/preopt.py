@@ -89,10 +89,11 @@ def make_eval(sd, adapters: Mapping[str, A.Adapter], draws: int = 2) -> Callable
     return evaluate
 
 
-def _chunk_arrays(source, group: list, prompt_ids: np.ndarray) -> dict[str, np.ndarray]:
-    views = np.stack([images.to_unit_range(source.views(i)) for i in group])  # [K, V, H, W, 3]
+def _chunk_arrays(source, group: list, prompt_ids: np.ndarray, views_per_identity: int) -> dict[str, np.ndarray]:
+    """The chunk's views ``[K, V, H, W, 3]`` (an identity with fewer photos repeats them), prompts and ids."""
+    views = np.stack([images.to_unit_range(source.views(i, range(views_per_identity))) for i in group])
     return {"views": views, "input_ids": np.stack([prompt_ids] * len(group)),
-            "identities": np.asarray([int(i) for i in group], np.int32)}
+            "identities": np.asarray([identities_lib.number(i) for i in group], np.int32)}
 
 
 def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any], source=None) -> dict:
@@ -126,6 +127,9 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any], sour
     frozen = {"params": params, "basis": basis}
     frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh, rules))
     prompt_ids = np.asarray(sd.tokenize([config.data.prompt]))[0]
+    views = int(getattr(source, "views_per_identity", 0) or config.data.images_per_identity)
+    if config.data.source != "synthetic" or isinstance(source, identities_lib.ArrayIdentities):
+        views = min(views, int(config.data.images_per_identity))
     shared_init = {c: a.init(k_init) for c, a in adapters_.items()}  # one draw for every identity
 
     def init_state():
@@ -141,15 +145,15 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any], sour
                    in_shardings=(state_sh, None, per_identity, None), out_shardings=(state_sh, None))
     evaluate = jax.jit(make_eval(sd, adapters_), out_shardings=per_identity)
     settings = {"prompt": config.data.prompt, "learning_rate": config.optim.learning_rate, "steps": config.steps,
-                "views": getattr(source, "views_per_identity", None), "init": "shared"}
+                "views": views, "init": "shared"}
     trained = []
     bar = metrics.progress(len(todo), desc="identities")
     with metrics.Writer(os.path.join(out_dir, "tb")) as writer:
         for start in range(0, len(todo), chunk):
             group = todo[start:start + chunk]
             padded = group + [group[-1]] * (chunk - len(group))  # the last chunk repeats its last identity
-            arrays = sharding.global_batch(lambda r: {k: v[r] for k, v in _chunk_arrays(source, padded, prompt_ids).items()},
-                                           chunk, mesh)
+            host = _chunk_arrays(source, padded, prompt_ids, views)
+            arrays = sharding.global_batch(lambda r: {k: v[r] for k, v in host.items()}, chunk, mesh)
             state = init()
             before = np.asarray(jax.device_get(evaluate(state["trainable"], frozen, arrays, k_eval)))
             t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hdb_jax.images import to_unit_range
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # a GIF is read at its first frame
 MIN_SIZE = 64  # default smallest accepted short side, pixels
 MAX_PIXELS = 64_000_000  # default largest accepted width x height (checked before decoding)
 
@@ -149,7 +149,11 @@ def _decode(data: bytes, path: str, resolution: int, min_size: int, max_pixels: 
     if not data:
         raise BadImageError(path, CORRUPT, "empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own guard, from the header
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(path, TOO_LARGE, str(e)) from None
     except UnidentifiedImageError:
         if _looks_like_text(data):
             raise BadImageError(path, NOT_AN_IMAGE, "text file") from None
@@ -181,7 +185,7 @@ def load_image(path: str, resolution: int, *, min_size: int = MIN_SIZE, max_pixe
     then :func:`center_square` (Lanczos resampling).
 
     Args:
-      path: a .jpg, .jpeg, .png, .webp or .bmp file.
+      path: a .jpg, .jpeg, .png, .webp, .bmp or .gif file.
       resolution: output height and width.
       min_size: smallest accepted short side (after EXIF rotation), pixels.
       max_pixels: largest accepted width x height, checked from the header before decoding.

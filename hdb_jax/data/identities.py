@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+import zlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -58,8 +59,9 @@ class ArrayIdentities:
         return min(len(v) for v in self.images.values())
 
     def views(self, identity, indices: Sequence[int] | None = None) -> np.ndarray:
+        """uint8 ``[V, H, W, 3]``; indices wrap around the identity's own number of views."""
         views = self.images[identity]
-        return views if indices is None else views[list(indices)]
+        return views if indices is None else views[[i % len(views) for i in indices]]
 
     def source_name(self, identity) -> str:
         return f"array:{identity}"
@@ -119,6 +121,13 @@ class FolderIdentities:
 
     def source_name(self, identity: str) -> str:
         return f"folder:{os.path.join(self.directory, identity)}"
+
+
+def number(identity: Any) -> int:
+    """A non-negative int32 for an identity (its id, or a stable hash of its name): what seeds its randomness."""
+    if isinstance(identity, (int, np.integer)):
+        return int(identity) % 2**31
+    return zlib.crc32(str(identity).encode()) & 0x7FFFFFFF
 
 
 def from_config(data: Any, resolution: int, identities: Sequence[Any] | None = None):

@@ -44,9 +44,9 @@ def read_index(directory: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def done_identities(directory: str | os.PathLike) -> set[int]:
-    """Identities that already have weights in the dataset."""
-    return {int(row["identity"]) for row in read_index(directory)}
+def done_identities(directory: str | os.PathLike) -> set:
+    """Identities (synthetic ids, folder names, example indices) that already have weights."""
+    return {row["identity"] for row in read_index(directory)}
 
 
 def next_chunk_name(directory: str | os.PathLike) -> str:

@@ -24,7 +24,7 @@ DENOISE_ON = ("same", "other")
 def targets(preopt_dir: str, adapters: Mapping[str, Any], basis_hash: str | None) -> tuple[list[int], np.ndarray]:
     """Identities of a pre-optimised weights dataset and their weight tokens ``[N, n, W]``."""
     rows, trees = weights_lib.load(preopt_dir, adapters, basis_hash)
-    return [int(r["identity"]) for r in rows], np.asarray(dec.tree_to_tokens(trees, adapters))
+    return [r["identity"] for r in rows], np.asarray(dec.tree_to_tokens(trees, adapters))
 
 
 @dataclasses.dataclass

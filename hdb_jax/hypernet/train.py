@@ -229,7 +229,7 @@ def evaluate_heldout(config, sd, net, adapters_, params, basis, hyper_params) ->
     """Held-out identities: denoising loss on their *other* views with predicted vs zero weights,
     and (with ``data.heldout_preopt_dir``) R² of the predictions against their own targets."""
     out: dict[str, Any] = {}
-    ids = [int(i) for i in config.data.heldout]
+    ids = list(config.data.heldout)  # synthetic ids, or sub-folder names of the identities folder
     if not ids:
         return out
     views = config.data.heldout_views
@@ -264,7 +264,7 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
     if config.data.preopt_dir:
         identities, tokens = hdata.targets(config.data.preopt_dir, s.adapters, basis_hash)
     else:
-        identities, tokens = [int(i) for i in config.data.identities], None
+        identities, tokens = list(identities_lib.from_config(config.data, config.model.resolution).identities), None
     source = identities_lib.from_config(config.data, config.model.resolution, identities)
     data = hdata.Data(source, identities, tokens, np.asarray(sd.tokenize([config.data.prompt]))[0], config.batch_size,
                       config.data.seed, (n_tok, width), config.data.get("denoise_on", "same"))
