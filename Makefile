@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv venv-test clean
+.PHONY: demo test lint format venv venv-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,17 @@ venv-test: $(VENV)/.installed-test
 demo: venv
 	$(PY) -m hdb_jax.train --config configs/demo.py
 
-test: venv-test
+test: venv-test lint
 	$(PY) -m pytest -q tests
+
+# One formatter and one linter; `make test` (and so CI) fails on unformatted or lint-failing code.
+lint: venv-test
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: venv-test
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) runs

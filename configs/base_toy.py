@@ -55,6 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.validate_every = 0 if reduced else 2000  # a sample grid in TensorBoard (0: none)
     c.validate_seeds = 2
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.face_seeds = 0 if reduced else 256  # "a face" samples for precision / recall / non-face (0: skip)
+    c.eval.modifier_seeds = 32  # samples per prompt modifier
     c.grid_seeds = 6
     c.sample_steps = 25
     c.guidance_scale = 3.0

@@ -274,26 +274,38 @@ def heldout_set(config: ml_collections.ConfigDict, sd: model.StableDiffusion) ->
 
 
 def finish(config: ml_collections.ConfigDict, sd: model.StableDiffusion, state, result: Mapping[str, Any]) -> dict:
-    """Held-out loss, export of the EMA model, sample grid and model card (process 0 writes)."""
+    """Held-out loss, the toy evaluation, export of the EMA model, sample grid and model card."""
+    from hdb_jax.toy import base_card
+
     params = final_params(jax.device_get(state))
     pixels, ids = heldout_set(config, sd)
     heldout = float(diffusion.make_heldout_loss(sd, 8)(params, jnp.asarray(pixels), jnp.asarray(ids),
                                                        jax.random.PRNGKey(config.seed + 1)))
+    recon = images.to_uint8(sd.decode_latents(params["vae"], sd.encode_images(params["vae"], jnp.asarray(pixels[:8]))))
     info = {"heldout_loss": heldout, "vae_final_loss": _last(result["history"]["vae"]),
             "unet_final_loss": _last(result["history"]["unet"]), "scaling_factor": float(state["scaling_factor"]),
-            "train_s": round(result["train_s"], 1), "steps_run": result["steps_run"]}
-    print("toy base model: " + json.dumps(info))
+            "train_s": round(result["train_s"], 1), "steps_run": result["steps_run"], "step": result["step"],
+            "vae_heldout_psnr": round(_psnr(images.to_uint8(pixels[:8]), recon), 2)}
+    if config.eval.face_seeds:
+        from hdb_jax import sample
+        from hdb_jax.eval import toy as toy_eval
+
+        def draw(prompts, seeds):
+            return sample.sample(sd, params, prompts, seeds, num_steps=config.sample_steps,
+                                 guidance_scale=config.guidance_scale, batch_size=32, progress=False)
+
+        info.update(toy_eval.evaluate_base(toy_eval.ToyEvaluator.load(), draw, face_seeds=config.eval.face_seeds,
+                                           modifier_seeds=config.eval.modifier_seeds))
+    print("toy base model: " + json.dumps({k: v for k, v in info.items() if not isinstance(v, dict)}))
     if jax.process_index() != 0 or not config.out_dir:
         return info
     out = Path(config.out_dir)
     dtype = jnp.float16 if config.export_dtype == "float16" else jnp.float32
     loading.save_pretrained(out, sd, params, dtype=dtype)
-    grid = sample_grid(config, sd, params, config.grid_seeds)
-    images.save_grid(grid, out / "samples.png", cols=config.grid_seeds)
-    recon = images.to_uint8(sd.decode_latents(params["vae"], sd.encode_images(params["vae"], jnp.asarray(pixels[:8]))))
-    info["vae_heldout_psnr"] = round(_psnr(images.to_uint8(pixels[:8]), recon), 2)
-    (out / "training.json").write_text(json.dumps({**info, "history": result["history"], "config": config.to_dict()}, indent=1, default=str))
-    (out / "MODEL_CARD.md").write_text(model_card(config, info))
+    images.save_grid(sample_grid(config, sd, params, config.grid_seeds), out / "samples.png", cols=config.grid_seeds)
+    (out / "training.json").write_text(json.dumps({**info, "history": result["history"], "config": config.to_dict()},
+                                                  indent=1, default=str))
+    (out / "MODEL_CARD.md").write_text(base_card.model_card(config, info, GRID_PROMPTS))
     return {**info, "out_dir": os.fspath(out)}
 
 
@@ -301,67 +313,9 @@ def _last(history: Mapping[int, float]) -> float | None:
     return history[max(history)] if history else None
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a (not trained in this invocation)" if value is None else f"{value:.4f}"
-
-
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean(np.square(a.astype(np.float64) - b.astype(np.float64)))
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
-
-
-def model_card(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> str:
-    """The shipped model's card: recipe, measured numbers and the command that reproduces it."""
-    m, d = config.model, config.data
-    lines = [
-        "# Toy base model (synthetic faces, 32 px)",
-        "",
-        "A small Stable-Diffusion-family text-to-image model (VAE, UNet with cross-attention, CLIP text",
-        "encoder, DDPM noise schedule of SD 1.5) trained from scratch on the procedural faces of",
-        "`hdb_jax.data.synthetic`. It stands in for SD 1.5 where no pretrained weights can be had, so that",
-        "personalisation can be measured: it is not a general image model.",
-        "",
-        "Load it like any diffusers-format model: `hdb_jax.sd.loading.load_pretrained(hdb_jax.toy.base_model_dir())`.",
-        "",
-        "## Recipe",
-        f"- Architecture: UNet channels {list(m.unet_channels)}, VAE channels {list(m.vae_channels)} (latents "
-        f"{m.resolution // 2 ** (len(m.vae_channels) - 1)}x{m.resolution // 2 ** (len(m.vae_channels) - 1)}x4), text encoder width "
-        f"{m.text_width} x {m.text_layers} layers, our own BPE vocabulary.",
-        f"- Data: {d.identities} identities x {d.images_per_identity} renders at {m.resolution} px, styles {list(d.styles)}; "
-        f"captions from the generator's attributes, each modifier dropped w.p. {d.caption_drop}, empty caption w.p. {d.uncond_prob}.",
-        f"- Phase 1: VAE autoencoder, {config.vae_steps} steps, batch {config.batch_size}, AdamW lr {config.optim_vae.learning_rate}, "
-        f"L1 + L2 + {config.kl_weight} x KL.",
-        f"- Phase 2: UNet + text encoder, {config.unet_steps} steps, batch {config.batch_size}, AdamW lr "
-        f"{config.optim_unet.learning_rate} (warmup {config.optim_unet.warmup_steps}, cosine), EMA {config.ema_decay}; "
-        "epsilon prediction.",
-        f"- Seed {config.seed}. Weights stored as {config.export_dtype}.",
-        "",
-        "## Measured",
-        f"- Training time: {info['train_s']} s for {info['steps_run']} steps on 2 CPU cores (this run).",
-        f"- Final training loss (last logged step): VAE {_fmt(info['vae_final_loss'])}, denoiser {_fmt(info['unet_final_loss'])}.",
-        f"- Held-out denoising loss ({d.heldout_identities} unseen identities, full captions, 8 noise draws): "
-        f"{info['heldout_loss']:.4f}.",
-        f"- VAE reconstruction PSNR on held-out faces: {info.get('vae_heldout_psnr', 'n/a')} dB; latent scaling factor "
-        f"{info['scaling_factor']:.4f}.",
-        "",
-        "## Samples",
-        "",
-        "![samples](samples.png)",
-        "",
-        f"`samples.png`: rows are the prompts below, columns seeds 0-{config.grid_seeds - 1} (DDIM {config.sample_steps} steps, "
-        f"guidance {config.guidance_scale}).",
-        "",
-        *[f"{i + 1}. \"{p}\"" for i, p in enumerate(GRID_PROMPTS)],
-        "",
-        "## Reproduce",
-        "```",
-        "python -m hdb_jax.train --config configs/base_toy.py",
-        "```",
-        "The run is deterministic given its seed on the same software and hardware; rerunning the command",
-        "after an interruption resumes from the latest checkpoint in `runs/base_toy/`.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
