@@ -128,7 +128,8 @@ def adapter(kind: str = "lidb", size: str = "tiny") -> ml_collections.ConfigDict
     lidb = {"sd15": (100, 50), "toy": (32, 16), "tiny": (16, 8)}[size]
     c.lidb = ml_collections.ConfigDict(dict(a=lidb[0], b=lidb[1], rank=1, init_std=1e-3))
     c.lora = ml_collections.ConfigDict(dict(rank=4, alpha=4.0))
-    c.kron = ml_collections.ConfigDict(dict(a1=4, a2=64, scale=1.0) if sd15 else dict(a1=4, a2=8, scale=1.0))
+    # DiffuseKronA's official SD recipe (scripts/finetune_sd.sh): a1=64 (divides out), a2=8 (divides in).
+    c.kron = ml_collections.ConfigDict(dict(a1=64, a2=8, scale=1.0) if sd15 else dict(a1=4, a2=8, scale=1.0))
     c.residual = ml_collections.ConfigDict(dict(ratio=0.05 if sd15 else 0.25, rank=4))
     return c
 

@@ -44,6 +44,43 @@ from hdb_jax.sd.fingerprint import params_fingerprint
 STAGES = ("load", "compile", "hypernet", "finetune", "export")
 
 
+def default_config(variant: str = "fresh") -> ml_collections.ConfigDict:
+    """The personalisation settings: the shipped toy base model and hypernetwork, the paper's finetune.
+
+    ``configs/personalize.py`` is this config; notebooks call it directly.
+
+    Args:
+      variant: ``fresh`` (the paper: merge the prediction, train a new rank-4 LoRA 40 steps) or
+        ``svd`` (one LoRA starting at the prediction, 25 steps).
+    """
+    from hdb_jax.toy import base_model_dir, hypernet_dir
+
+    if variant not in relax.VARIANTS:
+        raise ValueError(f"variant={variant!r}: choose from {relax.VARIANTS}")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(source=os.fspath(base_model_dir()), resolution=0))  # 0: the model's own
+    c.hypernet = os.fspath(hypernet_dir())  # a bundle written by hypernetwork training
+    c.prompt = "a sks face"
+    c.compile_cache = os.path.expanduser("~/.cache/hdb_jax/jax_compile")  # empty: no persistent cache
+    c.min_image_size = 32  # shortest accepted side of the photo, pixels
+    c.max_image_pixels = 64_000_000  # larger photos are refused before decoding
+    c.relax = ml_collections.ConfigDict()
+    c.relax.variant = variant
+    c.relax.rank = 4
+    c.relax.alpha = 0.0  # 0: alpha = rank (LoRA scale 1)
+    c.relax.steps = 25 if variant == "svd" else 40
+    c.relax.learning_rate = 1e-3
+    c.relax.weight_decay = 0.0
+    c.relax.grad_clip = 1.0
+    c.relax.batch_size = 4  # augmented views of the photo per step
+    c.relax.flip = False  # a mirrored face is another face (the toy faces' hair parts the other way)
+    c.relax.shift = 2  # random translation, pixels
+    c.relax.photos_per_program = 8  # a folder of photos is personalised this many per compiled program
+    c.relax.map_batch = 1  # photos vmapped together inside a program (1: each exactly as a single run)
+    return c
+
+
 def enable_compile_cache(directory: str | os.PathLike | None) -> None:
     """Turns on JAX's persistent compilation cache in ``directory`` (every program is cached)."""
     if not directory:

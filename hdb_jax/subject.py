@@ -267,28 +267,29 @@ def train(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params: 
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
 
-    bs = config.data.batch_size
-    train_step = make_train_step(sd, tuning, optimizer)
-    t0 = time.perf_counter()
-    first = jax.tree_util.tree_map(jnp.asarray, data.batch(config.seed, 0, bs))
-    compiled = train_step.lower(state, frozen, first, k_train).compile()
-    print(f"compiled train step in {time.perf_counter() - t0:.1f}s", flush=True)
-
-    eval_loss = make_eval_loss(sd, tuning)
-    eval_images = jnp.asarray(data.images[:bs])
-    eval_ids = jnp.asarray(np.stack([data.input_ids] * len(eval_images)))
-    eval_key = jax.random.PRNGKey(config.seed + 1)
-
-    def validate(st, step):
-        out = {"scalars": {"fixed_batch_loss": eval_loss(st["trainable"], frozen, eval_images, eval_ids, eval_key)}}
-        if config.export.sample_prompts:
-            trained = jax.device_get(st["trainable"])
-            grid = _sample_grid(config, sd, params, tuning, trained, jax.device_get(frozen_trees))
-            out["images"] = {"samples": images.grid(grid, cols=len(grid) // 2)}
-        return out
-
+    # The checkpointer (and its SIGTERM handler) exists before the compile: a stop asked for meanwhile is kept.
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every) as ckpt, \
             metrics.Writer(os.path.join(workdir, "tb")) as writer:
+        bs = config.data.batch_size
+        train_step = make_train_step(sd, tuning, optimizer)
+        t0 = time.perf_counter()
+        first = jax.tree_util.tree_map(jnp.asarray, data.batch(config.seed, 0, bs))
+        compiled = train_step.lower(state, frozen, first, k_train).compile()
+        print(f"compiled train step in {time.perf_counter() - t0:.1f}s", flush=True)
+
+        eval_loss = make_eval_loss(sd, tuning)
+        eval_images = jnp.asarray(data.images[:bs])
+        eval_ids = jnp.asarray(np.stack([data.input_ids] * len(eval_images)))
+        eval_key = jax.random.PRNGKey(config.seed + 1)
+
+        def validate(st, step):
+            out = {"scalars": {"fixed_batch_loss": eval_loss(st["trainable"], frozen, eval_images, eval_ids, eval_key)}}
+            if config.export.sample_prompts:
+                trained = jax.device_get(st["trainable"])
+                grid = _sample_grid(config, sd, params, tuning, trained, jax.device_get(frozen_trees))
+                out["images"] = {"samples": images.grid(grid, cols=len(grid) // 2)}
+            return out
+
         start, state = loop.restore(ckpt, state, name="subject")
         evals = {"start": float(eval_loss(state["trainable"], frozen, eval_images, eval_ids, eval_key))}
         step_fn = functools.partial(_apply, compiled, frozen=frozen, rng=k_train)

@@ -121,7 +121,9 @@ class Kron:
     """DiffuseKronA: ΔW_torch[out, in] = A[a1, a2] ⊗ B[out/a1, in/a2]; Flax kernel is its transpose.
 
     Applied as ``Y = A · X · Bᵀ`` with ``X = x.reshape(a2, in/a2)`` and ``y = Y.reshape(out)``.
-    Init: B = 0, A ~ N(0, 1/a1) (variance), so the model starts unchanged.
+    Init: B = 0 (the model starts unchanged) and A ~ N(0, (1/a1)²): standard deviation 1/a1, as
+    the official DiffuseKronA code draws it (``normal_(std=1/a1)`` in ``diffusekrona/krona.py``);
+    the paper's "N(0, 1/a1)" is read the same way.
     """
 
     a1: int = 4
@@ -139,7 +141,7 @@ class Kron:
 
     def init(self, key: jax.Array, target: Target) -> dict:
         rows, cols = self._check(target)
-        a = jax.random.normal(key, (self.a1, self.a2), jnp.float32) / np.sqrt(self.a1)
+        a = jax.random.normal(key, (self.a1, self.a2), jnp.float32) / self.a1
         return {"a": a, "b": jnp.zeros((rows, cols), jnp.float32)}
 
     def basis(self, key: jax.Array, target: Target) -> dict:

@@ -40,8 +40,9 @@ def count(abstract: Mapping[str, Any], kind, parts: Sequence[tuple[str, str]], l
     return Row(label, matrices, variables)
 
 
-def standard_rows(abstract: Mapping[str, Any], lidb: LiDB = LiDB()) -> list[Row]:
+def standard_rows(abstract: Mapping[str, Any], lidb: LiDB | None = None) -> list[Row]:
     """The rows methods.md quotes, for any SD-family model's abstract parameters."""
+    lidb = lidb or LiDB()
     unet_attn = [("unet", "unet_attention")]
     text_attn = [("text_encoder", "text_attention")]
     text_mlp = [("text_encoder", "text_mlp")]
@@ -50,7 +51,7 @@ def standard_rows(abstract: Mapping[str, Any], lidb: LiDB = LiDB()) -> list[Row]
         count(abstract, lidb, unet_attn + text_attn + text_mlp, "LiDB: UNet + text attention + text MLP"),
         count(abstract, LoRA(rank=1), unet_attn, "LoRA per unit rank: UNet attention"),
     ]
-    for a1, a2 in ((4, 64), (8, 64)):
+    for a1, a2 in ((64, 8), (4, 64), (8, 64)):  # the official SD recipe, then the paper's two others
         try:
             rows.append(count(abstract, Kron(a1=a1, a2=a2), unet_attn, f"Kron ({a1},{a2}): UNet attention"))
         except ValueError as err:  # widths of small models need not divide
