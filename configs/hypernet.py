@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source = "synthetic"
     c.data.prompt = "a photo of sks face" if sd15 else "a sks face"
     c.data.preopt_dir = ""  # stage-1 weights dataset; empty: no targets (beta term off)
+    c.data.max_identities = 0  # > 0: train on the dataset's first N identities only
     c.data.identities = tuple(range(100, 116))  # used when preopt_dir is empty
     c.data.images_per_identity = 8 if toy else 4
     c.data.denoise_on = "same"  # the UNet denoises the image the hypernetwork saw (paper) or "other" views

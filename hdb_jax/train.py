@@ -19,6 +19,7 @@ JOBS: dict[str, str] = {
     "base_toy": "hdb_jax.toy.base:run",
     "identity": "hdb_jax.toy.identity_train:train",
     "attributes": "hdb_jax.toy.attributes_train:train",
+    "sweep": "hdb_jax.sweep:run",
     "demo": "hdb_jax.demo:run",
 }
 

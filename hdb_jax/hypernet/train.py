@@ -263,6 +263,8 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
     n_tok, width = len(dec.token_layout(s.adapters)), dec.token_width(s.net.kind)
     if config.data.preopt_dir:
         identities, tokens = hdata.targets(config.data.preopt_dir, s.adapters, basis_hash)
+        if config.data.get("max_identities", 0):  # the first N of the dataset (scaling studies)
+            identities, tokens = identities[: config.data.max_identities], tokens[: config.data.max_identities]
     else:
         identities, tokens = list(identities_lib.from_config(config.data, config.model.resolution).identities), None
     source = identities_lib.from_config(config.data, config.model.resolution, identities)
