@@ -85,7 +85,7 @@ from hdb_jax.hypernet import decoder as dec  # noqa: E402
 from hdb_jax.hypernet import encoder as enc  # noqa: E402
 from hdb_jax.hypernet import train as ht  # noqa: E402
 from hdb_jax.hypernet.model import HyperNetwork, split_params  # noqa: E402
-from hdb_jax.sd import tiny as tiny_lib
+from hdb_jax.sd import tiny as tiny_lib  # noqa: E402
 
 # name -> (tiny() overrides, image resolution); the VAE halves it, so latents are resolution / 2.
 SIZES = {

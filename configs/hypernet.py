@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.update(config_lib.loop(50_000 if sd15 else 3000 if toy else 40, log_every=50 if sd15 or toy else 5,
                              checkpoint_every=1000 if sd15 else 250 if toy else 20))
     c.batch_size = 64 if sd15 else 16 if toy else 8  # global; a multiple of the device count
+    c.validate_every = 500 if toy else 0  # held-out references and their predicted samples in TensorBoard
 
     c.hypernet = ml_collections.ConfigDict()
     c.hypernet.encoder = "sd15" if sd15 else "toy_identity" if toy else "tiny"  # CLIP ViT-H/14, the toy identity

@@ -62,7 +62,7 @@ def make_step(sd, adapters: Mapping[str, A.Adapter], optimizer) -> Callable:
                 return diffusion.denoising_loss(sd, sched_state, frozen["params"], pixels, chunk["input_ids"], k_loss,
                                                 per_sample=True, per_sample_keys=True)
 
-        (_, per_identity), grads = jax.value_and_grad(lambda t: (jnp.sum(l := losses(t)), l), has_aux=True)(
+        (_, per_identity), grads = jax.value_and_grad(lambda t: (jnp.sum(per := losses(t)), per), has_aux=True)(
             state["trainable"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)

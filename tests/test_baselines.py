@@ -66,7 +66,7 @@ def test_dreambooth_generates_class_images_once_and_trains_the_unet(base, tmp_pa
     sd, params = base
     config = _config(tmp_path / "db", "tiny,method=dreambooth", steps=2, prior_weight=1.0)
     config.data.prior.source, config.data.prior.count, config.data.prior.sample_steps = "generated", 2, 2
-    first = subject.train(config, sd, params)
+    subject.train(config, sd, params)
     folder = tmp_path / "db" / "class_images"
     files = sorted(folder.glob("class_*.png"))
     assert len(files) == 2 and (folder / "manifest.json").is_file()

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from hdb_jax import demo, export, personal
+from hdb_jax import demo, personal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,9 +17,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hdb_jax.eval import real
-from hdb_jax.sd import vocab
-from hdb_jax.sd.loading import ModelLoadError
+from hdb_jax.eval import real  # noqa: E402 (after the torch skip)
+from hdb_jax.sd import vocab  # noqa: E402
+from hdb_jax.sd.loading import ModelLoadError  # noqa: E402
 
 MODEL_TOL = 1e-4  # float32 Flax vs float32 PyTorch, same inputs
 # Preprocessing: PIL resamples in fixed point (22-bit coefficients) and rounds each pass to 8 bits; we

@@ -1,8 +1,6 @@
 """The toy identity encoder: shipped weights, invariance, training with resume, loading."""
 
-import os
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,6 @@ from conftest import load_config
 from hdb_jax import checkpoint
 from hdb_jax.data import synthetic
 from hdb_jax.toy import identity, identity_train
-
 
 # Training used ids 0..19_999 and reported retrieval on 1_000_000..1_000_099; this range is new.
 HELDOUT = range(3_000_000, 3_000_100)

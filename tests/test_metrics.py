@@ -26,8 +26,9 @@ def test_tensorboard_reads_scalars_images_text_and_hparams(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("grad_norm")] == [(1, 2.25)]
     (image,) = acc.Images("val/samples")
     assert (image.step, image.width, image.height) == (10, 12, 4)
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     decoded = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
     np.testing.assert_array_equal(decoded, grid)

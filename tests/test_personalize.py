@@ -13,8 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from hdb_jax import adapters as A
-from hdb_jax import personal
-from hdb_jax import export, personalize
+from hdb_jax import export, personal, personalize
 from hdb_jax.adapters import basis as basis_io
 from hdb_jax.data import folder, synthetic
 from hdb_jax.hypernet import bundle as bundle_lib

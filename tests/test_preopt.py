@@ -9,7 +9,6 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
-
 from conftest import load_config
 
 from hdb_jax import build
@@ -43,13 +42,13 @@ def test_preopt_kill_resume_every_identity_once(tmp_path, tiny_model_dir):
             break
         time.sleep(0.2)
     proc.wait()
-    first = [json.loads(l) for l in index.read_text().splitlines()]
+    first = [json.loads(line) for line in index.read_text().splitlines()]
     assert 2 <= len(first) < 4, "the run should have been killed part-way"
 
     out = subprocess.run(_cmd(workdir, tiny_model_dir), cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{len(first)} identities already done, {4 - len(first)} to pre-optimise" in out.stdout
-    rows = [json.loads(l) for l in index.read_text().splitlines()]
+    rows = [json.loads(line) for line in index.read_text().splitlines()]
     assert sorted(r["identity"] for r in rows) == [3, 5, 8, 13]  # each exactly once
     for row in rows:  # the fixed-draw denoising loss went down for every identity
         assert row["final_loss"] < row["loss_before"], row

@@ -1,7 +1,6 @@
 """The toy world's base model: its recipe trains and resumes; the shipped model draws faces on demand."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -127,3 +126,24 @@ def test_prompt_modifiers_change_their_attribute(shipped):
 
     # Sketches are rendered in grayscale (saturation 0); photos are coloured.
     assert _paired_t(saturation(by_prompt["photo"]), saturation(by_prompt["sketch"])) > 2.0
+
+
+def test_shipped_record_is_reproduced_by_the_recipe_code():
+    import json
+
+    import jax
+    import jax.numpy as jnp
+
+    from hdb_jax import diffusion
+
+    record = json.loads((base_model_dir() / "training.json").read_text())
+    for key in ("heldout_loss", "precision", "recall", "non_face_fraction", "modifiers", "render_rates", "vae_heldout_psnr"):
+        assert key in record, key
+    assert set(record["modifiers"]) == set(record["render_rates"]) and len(record["modifiers"]) >= 15
+    config = load_config("base_toy")
+    config.update_from_flattened_dict({"data.heldout_identities": record["config"]["data"]["heldout_identities"]})
+    sd, params = loading.load_pretrained(base_model_dir())
+    pixels, ids = base.heldout_set(config, sd)
+    loss = diffusion.make_heldout_loss(sd, 8)(params, jnp.asarray(pixels), jnp.asarray(ids), jax.random.PRNGKey(config.seed + 1))
+    # The recorded figure is the recipe's own evaluation of these very (float16) weights.
+    assert float(loss) == pytest.approx(record["heldout_loss"], rel=1e-4)

@@ -22,9 +22,17 @@ DENOISE_ON = ("same", "other")
 
 
 def targets(preopt_dir: str, adapters: Mapping[str, Any], basis_hash: str | None) -> tuple[list[int], np.ndarray]:
-    """Identities of a pre-optimised weights dataset and their weight tokens ``[N, n, W]``."""
-    rows, trees = weights_lib.load(preopt_dir, adapters, basis_hash)
-    return [r["identity"] for r in rows], np.asarray(dec.tree_to_tokens(trees, adapters))
+    """Identities of a pre-optimised weights dataset and their weight tokens ``[N, n, W]``.
+
+    ``preopt_dir`` may name several datasets separated by commas (e.g. stage 1 run as several
+    processes on disjoint identity ranges); they are read in order and must share the basis.
+    """
+    identities, tokens = [], []
+    for directory in [d for d in preopt_dir.split(",") if d]:
+        rows, trees = weights_lib.load(directory, adapters, basis_hash)
+        identities += [r["identity"] for r in rows]
+        tokens.append(np.asarray(dec.tree_to_tokens(trees, adapters)))
+    return identities, np.concatenate(tokens)
 
 
 @dataclasses.dataclass

@@ -250,6 +250,30 @@ def evaluate_heldout(config, sd, net, adapters_, params, basis, hyper_params) ->
     return out
 
 
+def _validation(config, sd, s: Setup, params, frozen):
+    """In-run validation: held-out references (top row) and "a sks face" sampled with the prediction."""
+    from hdb_jax import sample
+
+    ids = list(config.data.heldout)[:4]
+    if not ids:
+        return None
+    refs, _ = hdata.heldout_views(identities_lib.from_config(config.data, config.model.resolution, ids), ids, 1)
+    basis = jax.device_get(frozen["basis"])
+
+    def validate(state, step):
+        hyper = {**jax.device_get(frozen["hyper"]), **jax.device_get(state["trainable"])}
+        tokens = hdata.predict_tokens(s.net, hyper, refs, batch=len(ids))
+        drawn = []
+        for tok in tokens:
+            merged = A.merge_all(params, s.adapters, dec.tokens_to_tree(jnp.asarray(tok), s.adapters, s.net.kind), basis)
+            drawn.append(sample.sample(sd, merged, [config.data.prompt], [0], num_steps=config.get("validate_sample_steps", 20),
+                                       guidance_scale=3.0, batch_size=1, progress=False)[0])
+        grid = images.grid(np.concatenate([images.to_uint8(refs), np.stack(drawn)]), cols=len(ids))
+        return {"images": {"heldout_predictions": grid}}
+
+    return validate
+
+
 def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> dict:
     """Trains (or resumes) the hypernetwork on the base model ``(sd, params)``; writes its bundle.
 
@@ -277,10 +301,12 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
         start, state = loop.restore(ckpt, state, name="hypernet")  # restored into the state's shardings
         if start:
             print(f"hypernet: on mesh {dict(s.mesh.shape)}")
+        validate = _validation(config, sd, s, params, frozen) if config.get("validate_every", 0) else None
         result = loop.train(state, lambda st, b: _apply(s.compiled, st, b, frozen=frozen, rng=k_train),
                             lambda step: sharding.global_batch(lambda rows: data.load(step, rows), config.batch_size, s.mesh),
                             steps=config.steps, checkpointer=ckpt, writer=writer, config=config.to_dict(),
-                            log_every=config.log_every, stop_after=config.get("stop_after", 0), name="hypernet", start=start)
+                            log_every=config.log_every, stop_after=config.get("stop_after", 0), name="hypernet",
+                            start=start, validate=validate, validate_every=config.get("validate_every", 0))
         out = {"state": result.state, "history": result.history, "summary": s.summary, "workdir": workdir,
                "basis_hash": basis_hash, "loop": result}
         if result.stopped_early:

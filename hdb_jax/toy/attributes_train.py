@@ -32,7 +32,7 @@ def _renders(rng: np.random.Generator, count: int, id_range, styles, weights, se
     pixels = synthetic.render_batch(ids, index, chosen, seed, resolution)
     labels = [synthetic.labels(synthetic.identity(int(i), seed), synthetic.variation(int(i), int(j), seed, s))
               for i, j, s in zip(ids, index, chosen)]
-    return pixels, {k: np.asarray([l[k] for l in labels], np.int32) for k in synthetic.LABELS}
+    return pixels, {k: np.asarray([row[k] for row in labels], np.int32) for k in synthetic.LABELS}
 
 
 def batch(config: ml_collections.ConfigDict, step: int, id_range=None) -> dict[str, np.ndarray]:
@@ -141,7 +141,7 @@ def model_card(meta: dict) -> str:
         f"## Held-out accuracy (identities {recipe['data']['heldout_ids']}, 600 renders per style)",
         "",
         *rows,
-        f"",
+        "",
         f"Non-faces taken for faces: {heldout['face_on_negatives']:.3f}.",
         "",
         "Heads near chance (eye colour, earrings: a few pixels at 32 px) are left out of subject fidelity.",

@@ -277,7 +277,10 @@ def finish(config: ml_collections.ConfigDict, sd: model.StableDiffusion, state, 
     """Held-out loss, the toy evaluation, export of the EMA model, sample grid and model card."""
     from hdb_jax.toy import base_card
 
-    params = final_params(jax.device_get(state))
+    # Every figure is measured on the weights as shipped (rounded to the export dtype), so anyone
+    # can reproduce it from the files.
+    dtype = jnp.float16 if config.export_dtype == "float16" else jnp.float32
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype).astype(jnp.float32), final_params(jax.device_get(state)))
     pixels, ids = heldout_set(config, sd)
     heldout = float(diffusion.make_heldout_loss(sd, 8)(params, jnp.asarray(pixels), jnp.asarray(ids),
                                                        jax.random.PRNGKey(config.seed + 1)))
@@ -300,7 +303,6 @@ def finish(config: ml_collections.ConfigDict, sd: model.StableDiffusion, state, 
     if jax.process_index() != 0 or not config.out_dir:
         return info
     out = Path(config.out_dir)
-    dtype = jnp.float16 if config.export_dtype == "float16" else jnp.float32
     loading.save_pretrained(out, sd, params, dtype=dtype)
     images.save_grid(sample_grid(config, sd, params, config.grid_seeds), out / "samples.png", cols=config.grid_seeds)
     (out / "training.json").write_text(json.dumps({**info, "history": result["history"], "config": config.to_dict()},

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdb_jax.toy import store
 from hdb_jax.data import synthetic
 from hdb_jax.images import to_unit_range
+from hdb_jax.toy import store
 
 SHIPPED_DIR = pathlib.Path(__file__).parent / "weights" / "identity"
 FORMAT = "hdb_jax.toy_identity"
