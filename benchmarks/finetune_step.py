@@ -167,9 +167,7 @@ def build_torch_step(configs, *, batch, latent, seed=0):
     strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     unet = UNet2DConditionModel(**strip(configs["unet"]))
     unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGETS)
-    )
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGETS))
     unet.train()
     lora = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora, lr=1e-4, weight_decay=1e-2)
@@ -233,9 +231,12 @@ def run_child(args) -> None:
     specs = args.attention.split(",") if args.attention else [attention_lib.DEFAULT_IMPLEMENTATION]
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
-    print(f"--- {args.cores} core(s): jax {jax.__version__} ({jax.devices()[0].platform}), "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, load average {load}", flush=True)
+    print(
+        f"--- {args.cores} core(s): jax {jax.__version__} ({jax.devices()[0].platform}), "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, load average {load}",
+        flush=True,
+    )
     if not args.no_torch:
         import torch
 
@@ -247,7 +248,11 @@ def run_child(args) -> None:
         for spec in specs:
             impl, chunk = _parse_attention(spec, attention_lib.DEFAULT_CHUNK)
             run, compile_s, configs = build_jax_step(
-                channels, batch=args.batch, latent=args.latent, attention=impl, chunk=chunk,
+                channels,
+                batch=args.batch,
+                latent=args.latent,
+                attention=impl,
+                chunk=chunk,
                 remat=args.remat,
             )
             runs[f"ours[{impl}:{chunk}]"] = run
@@ -258,8 +263,10 @@ def run_child(args) -> None:
         torch_ms = 1e3 * statistics.median(times["torch"]) if "torch" in times else None
         for label, ts in times.items():
             ms = 1e3 * statistics.median(ts)
-            line = (f"{name:7s} {args.cores}c {label:18s} median {ms:7.1f} ms  min {1e3 * min(ts):7.1f}"
-                    f"  cpu {1e3 * cpu[label]:7.1f} ms/step")
+            line = (
+                f"{name:7s} {args.cores}c {label:18s} median {ms:7.1f} ms  min {1e3 * min(ts):7.1f}"
+                f"  cpu {1e3 * cpu[label]:7.1f} ms/step"
+            )
             if torch_ms and label != "torch":
                 line += f"  ours/torch {ms / torch_ms:.2f} (min {min(ts) / min(times['torch']):.2f})"
             print(line, flush=True)
@@ -268,10 +275,14 @@ def run_child(args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,medium", help=f"comma list of {sorted(CONFIGS)}")
-    parser.add_argument("--attention", default=None,
-                        help="comma list of IMPL[:CHUNK]; default: the model's default")
-    parser.add_argument("--cores", default=str(len(os.sched_getaffinity(0))),
-                        help="comma list of core counts, each run in its own process")
+    parser.add_argument(
+        "--attention", default=None, help="comma list of IMPL[:CHUNK]; default: the model's default"
+    )
+    parser.add_argument(
+        "--cores",
+        default=str(len(os.sched_getaffinity(0))),
+        help="comma list of core counts, each run in its own process",
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--latent", type=int, default=32, help="latent side (32: 32x32 latents)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per block")

@@ -62,7 +62,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
@@ -114,7 +116,10 @@ def init_sd_params(sd, key, resolution: int) -> dict:
     fns = sd._init_fns(resolution)  # pylint: disable=protected-access
     keys = jax.random.split(key, len(fns))
     fast = {"xla_backend_optimization_level": 0}
-    return {name: jax.jit(fn).lower(k).compile(compiler_options=fast)(k) for (name, fn), k in zip(sorted(fns.items()), keys)}
+    return {
+        name: jax.jit(fn).lower(k).compile(compiler_options=fast)(k)
+        for (name, fn), k in zip(sorted(fns.items()), keys)
+    }
 
 
 _BUILT: dict = {}
@@ -150,8 +155,19 @@ def _build(size: str, batch: int, seed: int) -> dict:
         "target_tokens": rng.normal(0, 0.01, (batch, n_tok, width)).astype(np.float32),
         "has_target": np.ones(batch, np.float32),
     }
-    return dict(config=config, sd=sd, adapters=adapters, net=net, optimizer=optimizer, state=state,
-                frozen=frozen, batch=host_batch, tokens=n_tok, latent=resolution // sd.vae_scale_factor, runs={})
+    return dict(
+        config=config,
+        sd=sd,
+        adapters=adapters,
+        net=net,
+        optimizer=optimizer,
+        state=state,
+        frozen=frozen,
+        batch=host_batch,
+        tokens=n_tok,
+        latent=resolution // sd.vae_scale_factor,
+        runs={},
+    )
 
 
 # -------------------------------------------------------------------- the merged-weights reference
@@ -166,7 +182,10 @@ def merged_denoising_loss(sd, sched_state, adapters, params, tree, basis, images
     noisy, timesteps, target = diffusion.noise_and_target(sd, sched_state, latents, k_noise)
 
     def one(sample_tree, ids, z, t, eps):
-        merged = {**params, **{c: a.merge(params[c], sample_tree[c], basis.get(c)) for c, a in adapters.items()}}
+        merged = {
+            **params,
+            **{c: a.merge(params[c], sample_tree[c], basis.get(c)) for c, a in adapters.items()},
+        }
         context = sd.encode_text(merged["text_encoder"], ids[None])
         pred = sd.predict(merged["unet"], z[None], t[None], context)
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - eps[None].astype(jnp.float32)))
@@ -179,11 +198,23 @@ def make_merged_step(sd, net: HyperNetwork, adapters, optimizer, alpha: float, b
     sched_state = sd.noise_scheduler.create_state()
 
     def loss_fn(trainable, frozen, batch, key):
-        tokens = net.apply({"params": {**frozen["hyper"], **trainable}}, enc.resize_images(batch["images"], net.image_size),
-                           method=HyperNetwork.predict_tokens)
+        tokens = net.apply(
+            {"params": {**frozen["hyper"], **trainable}},
+            enc.resize_images(batch["images"], net.image_size),
+            method=HyperNetwork.predict_tokens,
+        )
         tree = dec.tokens_to_tree(tokens, adapters, net.kind)
-        denoise = merged_denoising_loss(sd, sched_state, adapters, frozen["sd"], tree, frozen["basis"],
-                                        batch["images"], batch["input_ids"], key)
+        denoise = merged_denoising_loss(
+            sd,
+            sched_state,
+            adapters,
+            frozen["sd"],
+            tree,
+            frozen["basis"],
+            batch["images"],
+            batch["input_ids"],
+            key,
+        )
         per_sample = jnp.mean(jnp.square(tokens - batch["target_tokens"]), axis=(1, 2))
         weights = batch["has_target"]
         regress = jnp.sum(weights * per_sample) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -207,7 +238,12 @@ def _jit_like_sharded_step(step_fn, config, mesh, abstract_state, abstract_froze
     state_sh = sharding.tree_shardings(abstract_state, mesh, rules)
     frozen_sh = sharding.tree_shardings(abstract_frozen, mesh, rules)
     data_sh = sharding.batch_sharding(mesh)
-    step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_sh, frozen_sh, data_sh, None), out_shardings=(state_sh, None))
+    step = jax.jit(
+        step_fn,
+        donate_argnums=(0,),
+        in_shardings=(state_sh, frozen_sh, data_sh, None),
+        out_shardings=(state_sh, None),
+    )
     return step, state_sh, frozen_sh
 
 
@@ -232,22 +268,41 @@ def _compile_on_mesh(parts: dict, n_devices: int, variant: str) -> dict:
     abstract_frozen = jax.eval_shape(lambda: parts["frozen"])
     alpha, beta = c.loss.alpha, c.loss.beta
     if variant == "ours":
-        step, state_sh, frozen_sh, _ = ht.sharded_step(c, parts["sd"], parts["net"], parts["adapters"], parts["optimizer"],
-                                                       mesh, abstract_state, abstract_frozen)
+        step, state_sh, frozen_sh, _ = ht.sharded_step(
+            c,
+            parts["sd"],
+            parts["net"],
+            parts["adapters"],
+            parts["optimizer"],
+            mesh,
+            abstract_state,
+            abstract_frozen,
+        )
     else:
         fn = make_merged_step(parts["sd"], parts["net"], parts["adapters"], parts["optimizer"], alpha, beta)
         step, state_sh, frozen_sh = _jit_like_sharded_step(fn, c, mesh, abstract_state, abstract_frozen)
     state = jax.device_put(jax.tree_util.tree_map(jnp.copy, parts["state"]), state_sh)
     frozen = jax.device_put(parts["frozen"], frozen_sh)
     host = parts["batch"]
-    batch = sharding.global_batch(lambda rows: {k: v[rows] for k, v in host.items()}, len(host["images"]), mesh)
+    batch = sharding.global_batch(
+        lambda rows: {k: v[rows] for k, v in host.items()}, len(host["images"]), mesh
+    )
     rng = jax.random.PRNGKey(3)
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch, rng).compile()
     compile_s = time.perf_counter() - t0
     temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
-    return {"compiled": compiled, "state": state, "frozen": frozen, "batch": batch, "rng": rng, "state_sh": state_sh,
-            "compile_s": compile_s, "temp_mib": None if temp is None else temp / 2**20, "reused": False}
+    return {
+        "compiled": compiled,
+        "state": state,
+        "frozen": frozen,
+        "batch": batch,
+        "rng": rng,
+        "state_sh": state_sh,
+        "compile_s": compile_s,
+        "temp_mib": None if temp is None else temp / 2**20,
+        "reused": False,
+    }
 
 
 def reset(run: dict, parts: dict) -> None:
@@ -277,7 +332,9 @@ def check_same_loss(runs: dict, parts: dict, rtol: float = 1e-5) -> str:
             err = abs(out[k] - ref[k]) / max(abs(ref[k]), 1e-12)
             worst = max(worst, err)
             if err > rtol:
-                raise AssertionError(f"{name} {k}={out[k]!r} vs {ref_name} {ref[k]!r} (rel {err:.2e} > {rtol})")
+                raise AssertionError(
+                    f"{name} {k}={out[k]!r} vs {ref_name} {ref[k]!r} (rel {err:.2e} > {rtol})"
+                )
     return f"loss {ref['loss']:.6f}, grad_norm {ref['grad_norm']:.6f}, max rel diff {worst:.1e}"
 
 
@@ -299,24 +356,44 @@ def time_blocks(steps: dict, *, warmup: int, timed: int, blocks: int) -> dict[st
 # -------------------------------------------------------------------- the two benchmarks
 def _row(section, size, what, run, seconds, batch, ref_s):
     ms = 1e3 * statistics.median(seconds)
-    return {"section": section, "size": size, "what": what, "compile_s": run["compile_s"], "temp_mib": run["temp_mib"], "ms": ms,
-            "min_ms": 1e3 * min(seconds), "sps": batch / (ms / 1e3), "ratio": ms / (1e3 * statistics.median(ref_s))}
+    return {
+        "section": section,
+        "size": size,
+        "what": what,
+        "compile_s": run["compile_s"],
+        "temp_mib": run["temp_mib"],
+        "ms": ms,
+        "min_ms": 1e3 * min(seconds),
+        "sps": batch / (ms / 1e3),
+        "ratio": ms / (1e3 * statistics.median(ref_s)),
+    }
 
 
 def bench_formulation(size: str, args) -> list[dict]:
     """Our per-sample activation-space step vs the vmapped merged-weights step, one device."""
     parts = build(size, args.batch)
-    print(f"\n[{size}] UNet {SIZES[size][0]['unet_channels']}, text width {SIZES[size][0]['text_width']}, "
-          f"{parts['latent']}x{parts['latent']} latents, batch {args.batch}, {parts['tokens']} weight tokens", flush=True)
+    print(
+        f"\n[{size}] UNet {SIZES[size][0]['unet_channels']}, text width {SIZES[size][0]['text_width']}, "
+        f"{parts['latent']}x{parts['latent']} latents, batch {args.batch}, {parts['tokens']} weight tokens",
+        flush=True,
+    )
     runs = {}
     for variant in ("ours", "merged"):
         runs[variant] = compile_on_mesh(parts, 1, variant)
         print(f"  {variant:6s} compiled in {runs[variant]['compile_s']:.1f}s", flush=True)
     print(f"  same numbers: {check_same_loss(runs, parts)}", flush=True)
-    times = time_blocks({k: runner(r) for k, r in runs.items()}, warmup=args.warmup, timed=args.steps, blocks=args.blocks)
-    rows = [_row("formulation", size, name, runs[name], ts, args.batch, times["merged"]) for name, ts in times.items()]
+    times = time_blocks(
+        {k: runner(r) for k, r in runs.items()}, warmup=args.warmup, timed=args.steps, blocks=args.blocks
+    )
+    rows = [
+        _row("formulation", size, name, runs[name], ts, args.batch, times["merged"])
+        for name, ts in times.items()
+    ]
     for r in rows:
-        print(f"  {r['what']:6s} median {r['ms']:8.1f} ms (min {r['min_ms']:.1f})  {r['sps']:6.2f} samples/s", flush=True)
+        print(
+            f"  {r['what']:6s} median {r['ms']:8.1f} ms (min {r['min_ms']:.1f})  {r['sps']:6.2f} samples/s",
+            flush=True,
+        )
     return rows
 
 
@@ -333,11 +410,18 @@ def bench_devices(args) -> list[dict]:
         how = "reusing the formulation run's program, compiled" if runs[n]["reused"] else "compiled"
         print(f"  {n} device(s) {how} in {runs[n]['compile_s']:.1f}s", flush=True)
     print(f"  same numbers: {check_same_loss(runs, parts, rtol=2e-5)}", flush=True)
-    times = time_blocks({n: runner(r) for n, r in runs.items()}, warmup=args.warmup, timed=args.steps, blocks=args.blocks)
+    times = time_blocks(
+        {n: runner(r) for n, r in runs.items()}, warmup=args.warmup, timed=args.steps, blocks=args.blocks
+    )
     ref = times[counts[0]]
     for n, ts in times.items():
-        print(f"  {n} device(s) median {1e3 * statistics.median(ts):8.1f} ms (min {1e3 * min(ts):.1f})", flush=True)
-    return [_row("devices", "tiny", f"ours, {n} dev", runs[n], ts, args.batch, ref) for n, ts in times.items()]
+        print(
+            f"  {n} device(s) median {1e3 * statistics.median(ts):8.1f} ms (min {1e3 * min(ts):.1f})",
+            flush=True,
+        )
+    return [
+        _row("devices", "tiny", f"ours, {n} dev", runs[n], ts, args.batch, ref) for n, ts in times.items()
+    ]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -345,13 +429,19 @@ def print_table(rows: list[dict]) -> None:
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         temp = "n/a" if r["temp_mib"] is None else f"{r['temp_mib']:.0f}"
-        print(f"{r['section']:12s} {r['size']:7s} {r['what']:13s} {r['compile_s']:9.1f} {temp:>8s} {r['ms']:10.1f} "
-              f"{r['min_ms']:8.1f} {r['sps']:9.2f} {r['ratio']:6.2f}")
-    print("ratio = median step time / the reference's: formulation rows vs 'merged' (same size),"
-          " devices rows vs the first device count (< 1 is faster).\n"
-          "temp MiB = XLA's temporary buffers of the compiled step (memory_analysis; per device for meshes).")
-    print("Fake CPU devices share the same real cores: the devices rows measure the overhead and scaling of the"
-          " sharded program, not a real multi-device speed-up.")
+        print(
+            f"{r['section']:12s} {r['size']:7s} {r['what']:13s} {r['compile_s']:9.1f} {temp:>8s} {r['ms']:10.1f} "
+            f"{r['min_ms']:8.1f} {r['sps']:9.2f} {r['ratio']:6.2f}"
+        )
+    print(
+        "ratio = median step time / the reference's: formulation rows vs 'merged' (same size),"
+        " devices rows vs the first device count (< 1 is faster).\n"
+        "temp MiB = XLA's temporary buffers of the compiled step (memory_analysis; per device for meshes)."
+    )
+    print(
+        "Fake CPU devices share the same real cores: the devices rows measure the overhead and scaling of the"
+        " sharded program, not a real multi-device speed-up."
+    )
 
 
 def main(argv=None) -> None:
@@ -360,22 +450,29 @@ def main(argv=None) -> None:
     parser.add_argument("--devices", default="1,2,4,8", help="comma list of fake device counts; empty: skip")
     parser.add_argument("--batch", type=int, default=8, help="global batch")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
-    parser.add_argument("--blocks", type=int, default=2, help="alternating blocks the timed steps are split into")
+    parser.add_argument(
+        "--blocks", type=int, default=2, help="alternating blocks the timed steps are split into"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant per block")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, {jax.device_count()} devices, {len(os.sched_getaffinity(0))} cores; "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print(
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}  jax {jax.__version__} on "
+        f"{jax.devices()[0].platform}, {jax.device_count()} devices, {len(os.sched_getaffinity(0))} cores; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        flush=True,
+    )
     rows = []
     for size in filter(None, args.sizes.split(",")):
         rows += bench_formulation(size, args)
     if args.devices:
         rows += bench_devices(args)
     print_table(rows)
-    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-          f"total {time.perf_counter() - started:.0f}s")
+    print(
+        f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"total {time.perf_counter() - started:.0f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 2 if reduced else 50
     c.checkpoint_every = 3 if reduced else 500
     c.stop_after = 0
-    c.model = ml_collections.ConfigDict(dict(widths=(8, 16) if reduced else (32, 64, 128), hidden=32 if reduced else 256,
-                                             resolution=32, groups=4 if reduced else 8))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            widths=(8, 16) if reduced else (32, 64, 128),
+            hidden=32 if reduced else 256,
+            resolution=32,
+            groups=4 if reduced else 8,
+        )
+    )
     c.data = ml_collections.ConfigDict()
     c.data.seed = 0  # the synthetic world
     c.data.train_ids = (0, 1_000_000)

@@ -45,8 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.kl_weight = 1e-4
     c.latent_std_target = 1.0
     c.ema_decay = 0.0 if reduced else 0.999
-    c.optim_vae = config_lib.optim(2e-3, weight_decay=0.0, warmup_steps=2 if reduced else 100, schedule="cosine",
-                                   final_lr_fraction=0.05)
+    c.optim_vae = config_lib.optim(
+        2e-3, weight_decay=0.0, warmup_steps=2 if reduced else 100, schedule="cosine", final_lr_fraction=0.05
+    )
     # Constant after warmup: the run can be extended without a schedule restart.
     c.optim_unet = config_lib.optim(5e-4, weight_decay=1e-2, warmup_steps=2 if reduced else 500)
     c.stop_after = 0  # >0: save and stop after this many steps in one invocation (time-sliced jobs)

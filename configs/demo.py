@@ -16,7 +16,12 @@ import ml_collections
 from hdb_jax import config_lib
 from hdb_jax.demo_methods import ROWS
 
-PROMPTS = ("a sks face", "a cartoon of a sks face", "a sks face wearing a hat", "a sks face on a red background")
+PROMPTS = (
+    "a sks face",
+    "a cartoon of a sks face",
+    "a sks face wearing a hat",
+    "a sks face on a red background",
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -75,8 +80,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.oracle.steps = 2
 
     c.baselines = ml_collections.ConfigDict()
-    for row, arg in (("lora_dreambooth", "toy,adapter=lora"), ("dreambooth", "toy,method=dreambooth"),
-                     ("textual_inversion", "toy,method=textual_inversion")):
+    for row, arg in (
+        ("lora_dreambooth", "toy,adapter=lora"),
+        ("dreambooth", "toy,method=dreambooth"),
+        ("textual_inversion", "toy,method=textual_inversion"),
+    ):
         b = config_lib.load("subject.py", arg, relative_to=__file__)
         b.data.instance.images_per_identity = 1  # the reference only, like every other row
         b.data.flip = False  # a mirrored face is another face here (the hair parts the other way)

@@ -26,15 +26,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dry_run = False
     c.model = config_lib.model(k.size)
     c.adapter = config_lib.adapter("lidb", k.size)
-    c.update(config_lib.loop(50_000 if sd15 else 3000 if toy else 40, log_every=50 if sd15 or toy else 5,
-                             checkpoint_every=1000 if sd15 else 250 if toy else 20))
+    c.update(
+        config_lib.loop(
+            50_000 if sd15 else 3000 if toy else 40,
+            log_every=50 if sd15 or toy else 5,
+            checkpoint_every=1000 if sd15 else 250 if toy else 20,
+        )
+    )
     c.batch_size = 64 if sd15 else 16 if toy else 8  # global; a multiple of the device count
     c.validate_every = 500 if toy else 0  # held-out references and their predicted samples in TensorBoard
 
     c.hypernet = ml_collections.ConfigDict()
-    c.hypernet.encoder = "sd15" if sd15 else "toy_identity" if toy else "tiny"  # CLIP ViT-H/14, the toy identity
+    c.hypernet.encoder = (
+        "sd15" if sd15 else "toy_identity" if toy else "tiny"
+    )  # CLIP ViT-H/14, the toy identity
     # encoder (frozen, trained to tell faces apart: the toy world's pretrained ViT), or a tiny random CLIP
-    c.hypernet.encoder_path = ""  # local CLIP vision directory (sd15) or identity encoder folder (toy_identity)
+    c.hypernet.encoder_path = (
+        ""  # local CLIP vision directory (sd15) or identity encoder folder (toy_identity)
+    )
     c.hypernet.train_encoder = False
     c.hypernet.iterations = 4
     c.hypernet.mode = "cross"  # or "concat" (the paper's concatenation)
@@ -44,7 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # beta weighs the squared-norm weight distance (sum over layers); it acts only with targets.
     c.loss = ml_collections.ConfigDict(dict(alpha=1.0, beta=0.02))
-    c.optim = config_lib.optim(1e-4 if sd15 else 1e-3, warmup_steps=1000 if sd15 else 100 if toy else 4, schedule="cosine")
+    c.optim = config_lib.optim(
+        1e-4 if sd15 else 1e-3, warmup_steps=1000 if sd15 else 100 if toy else 4, schedule="cosine"
+    )
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"

@@ -27,8 +27,12 @@ METHOD_STEPS = {"dreambooth": 1000, "textual_inversion": 5000}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    k = config_lib.knobs(arg, size=config_lib.SIZES, adapter=config_lib.ADAPTER_KINDS,
-                         method=("adapter", "dreambooth", "textual_inversion"))
+    k = config_lib.knobs(
+        arg,
+        size=config_lib.SIZES,
+        adapter=config_lib.ADAPTER_KINDS,
+        method=("adapter", "dreambooth", "textual_inversion"),
+    )
     sd15, kind, method = k.size == "sd15", k.adapter, k.method
 
     c = ml_collections.ConfigDict()
@@ -42,10 +46,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dreambooth = ml_collections.ConfigDict(dict(train_text_encoder=False))
     # Textual Inversion trains the input embedding of the (single-token) rare word, starting from
     # the class word's; the export names it export_token (what load_textual_inversion registers).
-    c.textual_inversion = ml_collections.ConfigDict(dict(token="sks", init_token="face", export_token="<sks>"))
+    c.textual_inversion = ml_collections.ConfigDict(
+        dict(token="sks", init_token="face", export_token="<sks>")
+    )
     steps = SD15_STEPS[kind] if method == "adapter" else METHOD_STEPS[method]
     lr = LEARNING_RATES[kind] if method == "adapter" else METHOD_LR[method]
-    c.update(config_lib.loop(steps if sd15 else 40, log_every=10 if sd15 else 5, checkpoint_every=100 if sd15 else 20))
+    c.update(
+        config_lib.loop(
+            steps if sd15 else 40, log_every=10 if sd15 else 5, checkpoint_every=100 if sd15 else 20
+        )
+    )
     c.optim = config_lib.optim(lr if sd15 else 10 * lr)
 
     c.data = ml_collections.ConfigDict()

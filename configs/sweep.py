@@ -36,11 +36,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.points.iterations = (1, 2, 4, 8)
     c.points.references = ("photo", "cartoon", "sketch", "pose", "light", "hat", "glasses")
     c.points.identities = (50, 150, 500, 1500)
-    c.x_label = {"relax": "finetune steps K", "iterations": "refinement steps s (test time)",
-                 "ood": "reference", "identities": "pre-optimised training identities"}[k.sweep]
+    c.x_label = {
+        "relax": "finetune steps K",
+        "iterations": "refinement steps s (test time)",
+        "ood": "reference",
+        "identities": "pre-optimised training identities",
+    }[k.sweep]
     c.eval = ml_collections.ConfigDict()
     c.eval.identities = tuple(range(3_000_100, 3_000_100 + (1 if k.reduced else k.identities)))
-    c.eval.prompts = ("a sks face", "a cartoon of a sks face", "a sks face wearing a hat", "a sks face on a red background")
+    c.eval.prompts = (
+        "a sks face",
+        "a cartoon of a sks face",
+        "a sks face wearing a hat",
+        "a sks face on a red background",
+    )
     c.eval.seeds = 1 if k.reduced else 2
     c.eval.sample_steps = 2 if k.reduced else 20
     c.eval.guidance_scale = 3.0

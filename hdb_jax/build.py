@@ -44,7 +44,9 @@ def base_model(model_config: Mapping[str, Any]) -> tuple[model.StableDiffusion, 
     """
     source = model_config["source"]
     if not source:
-        raise ValueError("config.model.source is empty: give a diffusers-format directory, a hub id or 'tiny'")
+        raise ValueError(
+            "config.model.source is empty: give a diffusers-format directory, a hub id or 'tiny'"
+        )
     if source == TINY:
         sd = tiny_lib.tiny(resolution=int(model_config.get("resolution") or 32))
         return sd, sd.random_params(jax.random.PRNGKey(TINY_SEED))
@@ -62,7 +64,9 @@ def adapters(adapter_config: Mapping[str, Any], abstract: Mapping[str, Any]) -> 
     if kind_name not in A.KINDS:
         raise ValueError(f"config.adapter.kind={kind_name!r}: choose from {sorted(A.KINDS)}")
     hparams = adapter_config[kind_name]
-    kind = A.kind_from_config(kind_name, **(hparams.to_dict() if hasattr(hparams, "to_dict") else dict(hparams)))
+    kind = A.kind_from_config(
+        kind_name, **(hparams.to_dict() if hasattr(hparams, "to_dict") else dict(hparams))
+    )
     patterns = {"unet": adapter_config["unet_patterns"], "text_encoder": adapter_config["text_patterns"]}
     return {
         component: A.Adapter.create(kind, abstract[component], list(patterns[component]), component)
@@ -77,7 +81,10 @@ def basis_path(adapter_config: Mapping[str, Any], workdir: str | os.PathLike) ->
 
 
 def frozen_trees(
-    adapter_config: Mapping[str, Any], adapters_: Mapping[str, A.Adapter], key: jax.Array, workdir: str | os.PathLike
+    adapter_config: Mapping[str, Any],
+    adapters_: Mapping[str, A.Adapter],
+    key: jax.Array,
+    workdir: str | os.PathLike,
 ) -> tuple[dict, str | None]:
     """The adapters' frozen trees per component, and the LiDB basis hash (None for other kinds).
 
@@ -87,7 +94,9 @@ def frozen_trees(
     if adapter_config["kind"] != "lidb":
         return {c: a.basis(key) for c, a in adapters_.items()}, None
     lidb = adapter_config["lidb"]
-    return basis_io.load_or_create(basis_path(adapter_config, workdir), adapters_, key, a=lidb["a"], b=lidb["b"])
+    return basis_io.load_or_create(
+        basis_path(adapter_config, workdir), adapters_, key, a=lidb["a"], b=lidb["b"]
+    )
 
 
 def schedule(optim: Mapping[str, Any], steps: int | None = None) -> optax.Schedule:
@@ -110,14 +119,20 @@ def clip_per_row(max_norm: float) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        sq = sum(jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1) for g in jax.tree_util.tree_leaves(updates))
+        sq = sum(
+            jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1) for g in jax.tree_util.tree_leaves(updates)
+        )
         scale = jnp.minimum(1.0, max_norm / (jnp.sqrt(sq) + 1e-12))  # [K]
-        return jax.tree_util.tree_map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), updates), state
+        return jax.tree_util.tree_map(
+            lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), updates
+        ), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def optimizer(optim: Mapping[str, Any], steps: int | None = None, *, per_row: bool = False) -> optax.GradientTransformation:
+def optimizer(
+    optim: Mapping[str, Any], steps: int | None = None, *, per_row: bool = False
+) -> optax.GradientTransformation:
     """AdamW with gradient clipping and :func:`schedule`.
 
     Args:

@@ -37,16 +37,24 @@ class Checkpointer:
       handle_sigterm: install a SIGTERM handler that requests a save-and-stop (main thread only).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, every: int, last_step: int | None = None, max_to_keep: int = 3,
-                 handle_sigterm: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        every: int,
+        last_step: int | None = None,
+        max_to_keep: int = 3,
+        handle_sigterm: bool = True,
+    ):
         self.directory = os.path.abspath(os.fspath(directory))
         decide = [policies.PreemptionCheckpointingPolicy()]
         if every > 0:
             decide.append(policies.FixedIntervalPolicy(int(every)))
         if last_step is not None:
             decide.append(policies.SpecificStepsPolicy(frozenset({int(last_step)})))
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               save_decision_policy=policies.AnySavePolicy(decide))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, save_decision_policy=policies.AnySavePolicy(decide)
+        )
         handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._stop = threading.Event()
@@ -117,7 +125,9 @@ class Checkpointer:
             )
         target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            )
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(
                 f"{self.directory}/{step}: the checkpoint does not fit this run's state "

@@ -78,7 +78,9 @@ def knobs(arg: str | None, **defaults: Any) -> ml_collections.FrozenConfigDict:
     return ml_collections.FrozenConfigDict(values)
 
 
-def load(path: str | os.PathLike, arg: str | None = None, *, relative_to: str | None = None) -> ml_collections.ConfigDict:
+def load(
+    path: str | os.PathLike, arg: str | None = None, *, relative_to: str | None = None
+) -> ml_collections.ConfigDict:
     """``get_config(arg)`` of the config file ``path`` (relative to ``relative_to``'s folder if given)."""
     if relative_to is not None and not os.path.isabs(path):
         path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
@@ -92,7 +94,9 @@ def load(path: str | os.PathLike, arg: str | None = None, *, relative_to: str | 
 
 
 # -------------------------------------------------------------------- shared sections
-def model(size: str = "tiny", *, source: str | None = None, resolution: int | None = None) -> ml_collections.ConfigDict:
+def model(
+    size: str = "tiny", *, source: str | None = None, resolution: int | None = None
+) -> ml_collections.ConfigDict:
     """``model``: ``source`` (``tiny``, a diffusers-format directory or hub id) and ``resolution``.
 
     ``toy`` is the toy base model shipped in the package; ``sd15`` leaves the source to the user.
@@ -106,7 +110,9 @@ def model(size: str = "tiny", *, source: str | None = None, resolution: int | No
             source = os.fspath(base_model_dir())
         else:
             source = "tiny" if size == "tiny" else ""
-    return ml_collections.ConfigDict(dict(source=source, resolution=resolution or (512 if size == "sd15" else 32)))
+    return ml_collections.ConfigDict(
+        dict(source=source, resolution=resolution or (512 if size == "sd15" else 32))
+    )
 
 
 def adapter(kind: str = "lidb", size: str = "tiny") -> ml_collections.ConfigDict:
@@ -134,19 +140,44 @@ def adapter(kind: str = "lidb", size: str = "tiny") -> ml_collections.ConfigDict
     return c
 
 
-def optim(learning_rate: float, *, weight_decay: float = 1e-2, grad_clip: float = 1.0, warmup_steps: int = 0,
-          schedule: str = "constant", final_lr_fraction: float = 0.0) -> ml_collections.ConfigDict:
+def optim(
+    learning_rate: float,
+    *,
+    weight_decay: float = 1e-2,
+    grad_clip: float = 1.0,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    final_lr_fraction: float = 0.0,
+) -> ml_collections.ConfigDict:
     """``optim``: AdamW with clipping (see :func:`hdb_jax.build.optimizer`)."""
-    return ml_collections.ConfigDict(dict(learning_rate=learning_rate, weight_decay=weight_decay, grad_clip=grad_clip,
-                                          warmup_steps=warmup_steps, schedule=schedule,
-                                          final_lr_fraction=final_lr_fraction))
+    return ml_collections.ConfigDict(
+        dict(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            final_lr_fraction=final_lr_fraction,
+        )
+    )
 
 
-def loop(steps: int, *, log_every: int = 10, checkpoint_every: int = 100, stop_after: int = 0,
-         validate_every: int = 0) -> dict[str, int]:
+def loop(
+    steps: int,
+    *,
+    log_every: int = 10,
+    checkpoint_every: int = 100,
+    stop_after: int = 0,
+    validate_every: int = 0,
+) -> dict[str, int]:
     """The training-loop fields every job config carries at its top level."""
-    return dict(steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, stop_after=stop_after,
-                validate_every=validate_every)
+    return dict(
+        steps=steps,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        stop_after=stop_after,
+        validate_every=validate_every,
+    )
 
 
 def mesh(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
@@ -156,11 +187,22 @@ def mesh(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
 
 def distributed() -> ml_collections.ConfigDict:
     """``distributed``: ``jax.distributed`` settings (auto-detected on TPU pods and SLURM)."""
-    return ml_collections.ConfigDict(dict(auto=True, coordinator_address="", num_processes=-1, process_id=-1,
-                                          local_device_ids=()))
+    return ml_collections.ConfigDict(
+        dict(auto=True, coordinator_address="", num_processes=-1, process_id=-1, local_device_ids=())
+    )
 
 
-def synthetic_identities(identities, *, images_per_identity: int = 4, seed: int = 0) -> ml_collections.ConfigDict:
+def synthetic_identities(
+    identities, *, images_per_identity: int = 4, seed: int = 0
+) -> ml_collections.ConfigDict:
     """A data spec of synthetic identities (renders ``0 .. images_per_identity - 1`` of each)."""
-    return ml_collections.ConfigDict(dict(source="synthetic", identities=tuple(identities),
-                                          images_per_identity=images_per_identity, seed=seed, folder="", min_size=64))
+    return ml_collections.ConfigDict(
+        dict(
+            source="synthetic",
+            identities=tuple(identities),
+            images_per_identity=images_per_identity,
+            seed=seed,
+            folder="",
+            min_size=64,
+        )
+    )

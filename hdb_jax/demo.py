@@ -44,27 +44,42 @@ def _reference(identity: int, resolution: int, seed: int) -> np.ndarray:
     return synthetic.render_batch([identity], [0], ["photo"], seed, resolution)[0]
 
 
-def _score(evaluator: toy.ToyEvaluator, e, drawn: np.ndarray, reference: np.ndarray, real: np.ndarray) -> dict:
+def _score(
+    evaluator: toy.ToyEvaluator, e, drawn: np.ndarray, reference: np.ndarray, real: np.ndarray
+) -> dict:
     """Per-sample metrics of one personal model: ``[P, S]`` arrays and the prior's ``[S']``."""
     p, s = len(e.prompts), e.seeds
-    main, prior = drawn[: p * s], drawn[p * s:]
+    main, prior = drawn[: p * s], drawn[p * s :]
     prompts = [q for q in e.prompts for _ in range(s)]
     fidelity = evaluator.subject_fidelity(main, reference, prompts)
     realism = evaluator.realism(prior, real)
-    return {"identity": evaluator.identity_scores(main, reference).reshape(p, s),
-            "subject_fidelity": fidelity.reshape(p, s),
-            "prompt_fidelity": evaluator.prompt_fidelity(main, prompts).reshape(p, s),
-            "prior_realism": realism["in_real_manifold"].astype(np.float64), "face": evaluator.face(prior)}
+    return {
+        "identity": evaluator.identity_scores(main, reference).reshape(p, s),
+        "subject_fidelity": fidelity.reshape(p, s),
+        "prompt_fidelity": evaluator.prompt_fidelity(main, prompts).reshape(p, s),
+        "prior_realism": realism["in_real_manifold"].astype(np.float64),
+        "face": evaluator.face(prior),
+    }
 
 
 def _sampler(config, sd):
     e = config.eval
-    prompts = [q.replace("sks", e.token) for q in e.prompts for _ in range(e.seeds)] + [e.prior_prompt] * e.prior_seeds
+    prompts = [q.replace("sks", e.token) for q in e.prompts for _ in range(e.seeds)] + [
+        e.prior_prompt
+    ] * e.prior_seeds
     seeds = [k for _ in e.prompts for k in range(e.seeds)] + list(range(100, 100 + e.prior_seeds))
 
     def draw(params) -> np.ndarray:
-        return sample.sample(sd, params, prompts, seeds, num_steps=e.sample_steps, guidance_scale=e.guidance_scale,
-                             batch_size=len(prompts), progress=False)
+        return sample.sample(
+            sd,
+            params,
+            prompts,
+            seeds,
+            num_steps=e.sample_steps,
+            guidance_scale=e.guidance_scale,
+            batch_size=len(prompts),
+            progress=False,
+        )
 
     return draw
 
@@ -88,15 +103,20 @@ def evaluate(config, sd, params, p: Personalizer, evaluator, workdir: Path) -> d
         todo = [i for i in ids if _cached(workdir / "scores" / row / f"{i}.npz") is None]
         made = {}
         if row == "oracle" and todo:
-            made = demo_methods.oracle(config.oracle, sd, params, {i: refs[i] for i in todo}, os.fspath(workdir),
-                                       p.bundle)
+            made = demo_methods.oracle(
+                config.oracle, sd, params, {i: refs[i] for i in todo}, os.fspath(workdir), p.bundle
+            )
         for n, i in enumerate(todo):
             print(f"{row}: identity {i} ({n + 1}/{len(todo)})", flush=True)
             out_dir = os.fspath(workdir / "personal" / row / str(i))
             if row in demo_methods.SLOW_ROWS:
-                made[i] = demo_methods.slow(row, config.baselines[row], sd, params, i, os.fspath(workdir / "baselines"))
+                made[i] = demo_methods.slow(
+                    row, config.baselines[row], sd, params, i, os.fspath(workdir / "baselines")
+                )
             elif row != "oracle":
-                made[i] = demo_methods.fast(row, p, refs[i], jax.random.PRNGKey(config.seed + i), out_dir, e.k_short)
+                made[i] = demo_methods.fast(
+                    row, p, refs[i], jax.random.PRNGKey(config.seed + i), out_dir, e.k_short
+                )
             drawn = draw(made[i].params)
             result = _score(evaluator, e, drawn, refs[i], real)
             result.update(steps=made[i].steps, seconds=made[i].seconds, bytes=made[i].bytes, samples=drawn)
@@ -116,7 +136,11 @@ def grid(config, scores: Mapping[str, Mapping[int, dict]], resolution: int) -> n
             cells.append(_reference(i, resolution, config.data_seed))
             for row in rows:
                 drawn = scores[row].get(i, {}).get("samples")
-                cells.append(drawn[q * e.seeds] if drawn is not None else np.full((resolution, resolution, 3), 255, np.uint8))
+                cells.append(
+                    drawn[q * e.seeds]
+                    if drawn is not None
+                    else np.full((resolution, resolution, 3), 255, np.uint8)
+                )
     return images.grid(np.stack(cells), cols=1 + len(rows))
 
 
@@ -141,11 +165,17 @@ def run(config: ml_collections.ConfigDict) -> dict:
     t = time.perf_counter()
     scores = evaluate(config, sd, params, p, evaluator, workdir)
     times["personalise_and_score"] = time.perf_counter() - t
-    rows = [report_lib.summarise(row, per_id, replicates=config.eval.replicates) for row, per_id in scores.items()]
+    rows = [
+        report_lib.summarise(row, per_id, replicates=config.eval.replicates) for row, per_id in scores.items()
+    ]
     grid_path = images.save_grid(grid(config, scores, sd.default_resolution), workdir / "grid.png")
-    bars = {"hypernet_vs_base": report_lib.compare(rows, "hypernet", "base"),
-            "hypernet+finetune_vs_zero@10": report_lib.compare(rows, "hypernet+finetune@10", "finetune_from_zero@10"),
-            "hypernet+finetune_vs_zero@40": report_lib.compare(rows, "hypernet+finetune", "finetune_from_zero")}
+    bars = {
+        "hypernet_vs_base": report_lib.compare(rows, "hypernet", "base"),
+        "hypernet+finetune_vs_zero@10": report_lib.compare(
+            rows, "hypernet+finetune@10", "finetune_from_zero@10"
+        ),
+        "hypernet+finetune_vs_zero@40": report_lib.compare(rows, "hypernet+finetune", "finetune_from_zero"),
+    }
     report = {
         "rows": rows,
         "bars": bars,
@@ -155,11 +185,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
         "seeds": config.eval.seeds,
         "hypernet": os.fspath(config.personalize.hypernet),
         "hypernet_card": _bundle_extra(config.personalize.hypernet),
-        "finetune": {k: config.personalize.relax[k] for k in ("variant", "rank", "steps", "learning_rate", "batch_size")},
+        "finetune": {
+            k: config.personalize.relax[k]
+            for k in ("variant", "rank", "steps", "learning_rate", "batch_size")
+        },
         "times_s": {k: round(v, 1) for k, v in {**times, "total": time.perf_counter() - t0}.items()},
         "grid": os.fspath(grid_path),
         "grid_layout": f"per grid identity, one row per prompt {list(config.eval.prompts)}: the reference, then seed 0 of "
-                       f"{[r for r in config.eval.rows if r in scores]}",
+        f"{[r for r in config.eval.rows if r in scores]}",
         "base_model": config.model.source,
     }
     (workdir / "report.json").write_text(json.dumps(report, indent=1))

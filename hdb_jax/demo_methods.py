@@ -38,8 +38,16 @@ from hdb_jax.data import weights as weights_lib
 from hdb_jax.personalize import Personalizer, zero_prediction
 from hdb_jax.sd.fingerprint import params_fingerprint
 
-FAST_ROWS = ("base", "hypernet", "hypernet+finetune", "finetune_from_zero", "hypernet+finetune@10",
-             "finetune_from_zero@10", "hypernet_k1", "oracle")
+FAST_ROWS = (
+    "base",
+    "hypernet",
+    "hypernet+finetune",
+    "finetune_from_zero",
+    "hypernet+finetune@10",
+    "finetune_from_zero@10",
+    "hypernet_k1",
+    "oracle",
+)
 SLOW_ROWS = ("lora_dreambooth", "dreambooth", "textual_inversion")
 ROWS = FAST_ROWS + SLOW_ROWS
 
@@ -60,22 +68,33 @@ def _file_bytes(path) -> int:
 
 def _lidb_file(p: Personalizer, tree, path) -> int:
     """Bytes of ``tree`` (LiDB factors) as a personal weights file."""
-    personal.save_personal(path, p.bundle.adapters, jax.device_get(tree), base_fingerprint=p.fingerprint,
-                           basis_hash=p.bundle.basis_hash)
+    personal.save_personal(
+        path,
+        p.bundle.adapters,
+        jax.device_get(tree),
+        base_fingerprint=p.fingerprint,
+        basis_hash=p.bundle.basis_hash,
+    )
     return _file_bytes(path)
 
 
-def fast(row: str, p: Personalizer, reference: np.ndarray, key: jax.Array, out_dir: str, k_short: int) -> Personal:
+def fast(
+    row: str, p: Personalizer, reference: np.ndarray, key: jax.Array, out_dir: str, k_short: int
+) -> Personal:
     """A hypernetwork / finetune row for one reference (uint8 [H, W, 3])."""
     os.makedirs(out_dir, exist_ok=True)
     if row == "base":
         return Personal(p.params, 0.0, 0, 0)
     t = time.perf_counter()
     if row in ("hypernet", "hypernet_k1"):
-        predicted = jax.block_until_ready(p.predict(reference, iterations=1 if row == "hypernet_k1" else None))
+        predicted = jax.block_until_ready(
+            p.predict(reference, iterations=1 if row == "hypernet_k1" else None)
+        )
         seconds = time.perf_counter() - t
         merged = A.merge_all(p.params, p.bundle.adapters, predicted, p.bundle.basis)
-        return Personal(merged, seconds, 0, _lidb_file(p, predicted, os.path.join(out_dir, "personal.safetensors")))
+        return Personal(
+            merged, seconds, 0, _lidb_file(p, predicted, os.path.join(out_dir, "personal.safetensors"))
+        )
     name, _, suffix = row.partition("@")
     steps = int(suffix) if suffix else p.config.relax.steps
     if row.startswith("hypernet+finetune"):
@@ -91,22 +110,30 @@ def fast(row: str, p: Personalizer, reference: np.ndarray, key: jax.Array, out_d
     return Personal(A.merge_all(p.params, adapters, tree), seconds, steps, _file_bytes(files["personal"]))
 
 
-def oracle(config: ml_collections.ConfigDict, sd, params, references: Mapping[int, np.ndarray], workdir: str,
-           bundle) -> dict[int, Personal]:
+def oracle(
+    config: ml_collections.ConfigDict, sd, params, references: Mapping[int, np.ndarray], workdir: str, bundle
+) -> dict[int, Personal]:
     """Stage 1 on each reference itself (one view), all identities in chunks; LiDB in the bundle's basis."""
     cfg = config.copy_and_resolve_references()
     cfg.workdir = os.path.join(workdir, "oracle")
     cfg.adapter.basis_file = os.path.join(os.fspath(config.bundle_dir), "lidb_basis.safetensors")
     t = time.perf_counter()
-    preopt.train(cfg, sd, params, source=identities_lib.ArrayIdentities({i: r[None] for i, r in references.items()}))
+    preopt.train(
+        cfg, sd, params, source=identities_lib.ArrayIdentities({i: r[None] for i, r in references.items()})
+    )
     seconds = (time.perf_counter() - t) / max(len(references), 1)
     rows, trees = weights_lib.load(cfg.workdir, bundle.adapters, bundle.basis_hash)
     out = {}
     for k, row in enumerate(rows):
         tree = jax.tree_util.tree_map(lambda x: x[k], trees)
         path = os.path.join(workdir, "oracle", f"{row['identity']}.safetensors")
-        personal.save_personal(path, bundle.adapters, tree, base_fingerprint=params_fingerprint(params),
-                               basis_hash=bundle.basis_hash)
+        personal.save_personal(
+            path,
+            bundle.adapters,
+            tree,
+            base_fingerprint=params_fingerprint(params),
+            basis_hash=bundle.basis_hash,
+        )
         merged = A.merge_all(params, bundle.adapters, tree, bundle.basis)
         out[int(row["identity"])] = Personal(merged, seconds, int(row["steps"]), _file_bytes(path))
     return out
@@ -124,7 +151,9 @@ def slow(row: str, config: ml_collections.ConfigDict, sd, params, identity: int,
     merged = result["tuning"].merged(params, trainable, jax.device_get(result["frozen"]))
     if row == "lora_dreambooth":
         path = os.path.join(cfg.workdir, "personal.safetensors")
-        personal.save_personal(path, result["tuning"].adapters, trainable, base_fingerprint=params_fingerprint(params))
+        personal.save_personal(
+            path, result["tuning"].adapters, trainable, base_fingerprint=params_fingerprint(params)
+        )
         size = _file_bytes(path)
     elif row == "textual_inversion":
         size = int(np.asarray(trainable["embedding"], np.float32).nbytes)

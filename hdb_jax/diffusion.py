@@ -31,8 +31,9 @@ def _normal(key: jax.Array, shape: tuple[int, ...], dtype, per_sample_keys: bool
     return jax.random.normal(key, shape, dtype)
 
 
-def noise_and_target(sd: StableDiffusion, sched_state, latents: jax.Array, key: jax.Array, *,
-                     per_sample_keys: bool = False):
+def noise_and_target(
+    sd: StableDiffusion, sched_state, latents: jax.Array, key: jax.Array, *, per_sample_keys: bool = False
+):
     """Samples timesteps and noise; returns ``(noisy, timesteps, target)``.
 
     Args:
@@ -63,8 +64,9 @@ def noise_and_target(sd: StableDiffusion, sched_state, latents: jax.Array, key: 
     return noisy, timesteps, target
 
 
-def sample_latents(sd: StableDiffusion, vae_params, images: jax.Array, key: jax.Array, *,
-                   per_sample_keys: bool = False) -> jax.Array:
+def sample_latents(
+    sd: StableDiffusion, vae_params, images: jax.Array, key: jax.Array, *, per_sample_keys: bool = False
+) -> jax.Array:
     """Scaled latents [B, C, h, w] sampled from the VAE posterior of NHWC images in [-1, 1].
 
     With one key this is exactly ``sd.encode_images(vae_params, images, key)``; with
@@ -107,9 +109,13 @@ def denoising_loss(
       A scalar loss, or [B] losses.
     """
     k_vae, k_noise = _split_keys(key, per_sample_keys)
-    latents = jax.lax.stop_gradient(sample_latents(sd, params["vae"], images, k_vae, per_sample_keys=per_sample_keys))
+    latents = jax.lax.stop_gradient(
+        sample_latents(sd, params["vae"], images, k_vae, per_sample_keys=per_sample_keys)
+    )
     context = sd.encode_text(params["text_encoder"], input_ids)
-    noisy, timesteps, target = noise_and_target(sd, sched_state, latents, k_noise, per_sample_keys=per_sample_keys)
+    noisy, timesteps, target = noise_and_target(
+        sd, sched_state, latents, k_noise, per_sample_keys=per_sample_keys
+    )
     pred = sd.predict(params["unet"], noisy, timesteps, context)
     errors = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
     return errors if per_sample else jnp.mean(errors)
@@ -144,7 +150,9 @@ def fixed_draw_loss(
       A scalar, or ``[B]``.
     """
     if jnp.issubdtype(images.dtype, jnp.integer):
-        raise TypeError(f"images must be float in [-1, 1], got {images.dtype} (normalise with hdb_jax.images.to_unit_range)")
+        raise TypeError(
+            f"images must be float in [-1, 1], got {images.dtype} (normalise with hdb_jax.images.to_unit_range)"
+        )
     losses = jax.lax.map(
         lambda k: denoising_loss(sd, sched_state, params, images, input_ids, k, per_sample=per_sample),
         jax.random.split(key, draws),
@@ -155,4 +163,8 @@ def fixed_draw_loss(
 def make_heldout_loss(sd: StableDiffusion, draws: int):
     """Jitted ``loss(params, images, input_ids, key) -> scalar``: :func:`fixed_draw_loss` of plain params."""
     sched_state = sd.noise_scheduler.create_state()
-    return jax.jit(lambda params, images, ids, key: fixed_draw_loss(sd, sched_state, params, images, ids, key, draws=draws))
+    return jax.jit(
+        lambda params, images, ids, key: fixed_draw_loss(
+            sd, sched_state, params, images, ids, key, draws=draws
+        )
+    )

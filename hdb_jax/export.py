@@ -111,9 +111,15 @@ def _lora_factors(adapter: Adapter, target: Target, p: Mapping, f: Mapping, kron
 
 
 def export_lora(
-    path: str | os.PathLike, adapters: Mapping[str, Adapter], trainable: Mapping[str, Mapping],
-    frozen: Mapping[str, Mapping] | None = None, *, unet_prefix: str = "unet",
-    text_prefix: str = "text_encoder", kron_svd_rank: int | None = None, dtype: str = "float32",
+    path: str | os.PathLike,
+    adapters: Mapping[str, Adapter],
+    trainable: Mapping[str, Mapping],
+    frozen: Mapping[str, Mapping] | None = None,
+    *,
+    unet_prefix: str = "unet",
+    text_prefix: str = "text_encoder",
+    kron_svd_rank: int | None = None,
+    dtype: str = "float32",
 ) -> LoraExport:
     """Writes adapters as a diffusers/PEFT LoRA file whose ΔW equals ours.
 
@@ -166,12 +172,20 @@ def export_lora(
         # PEFT scales a layer by alpha / r; alpha = r for every layer ("^": anchored patterns).
         common = collections.Counter(local.values()).most_common(1)[0][0]
         odd = {f"^{m}": r for m, r in local.items() if r != common}
-        config.update({f"{prefix}.r": common, f"{prefix}.lora_alpha": common, f"{prefix}.rank_pattern": odd,
-                       f"{prefix}.alpha_pattern": dict(odd), f"{prefix}.target_modules": sorted(local)})
+        config.update(
+            {
+                f"{prefix}.r": common,
+                f"{prefix}.lora_alpha": common,
+                f"{prefix}.rank_pattern": odd,
+                f"{prefix}.alpha_pattern": dict(odd),
+                f"{prefix}.target_modules": sorted(local),
+            }
+        )
     if not tensors:
         raise ValueError("nothing to export: no adapter targets")
     metadata = {
-        "format": "pt", LORA_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True),
+        "format": "pt",
+        LORA_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True),
         "hdb_jax.adapters": json.dumps({c: a.kind.name for c, a in adapters.items()}, sort_keys=True),
     }
     path = Path(path)
@@ -184,4 +198,3 @@ def export_lora(
         _log.info("Kronecker -> rank-%d LoRA: max relative error %.3g", kron_svd_rank, export.max_rel_error)
     tensorfile.write(path, tensors, metadata)
     return export
-

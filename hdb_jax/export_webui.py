@@ -109,8 +109,10 @@ def _lokr_factors(adapter: Adapter, target: Target, p: Mapping) -> tuple[np.ndar
     w1, w2 = np.asarray(p["a"], np.float64), kind.scale * np.asarray(p["b"], np.float64)
     expected = ((kind.a1, kind.a2), (target.out_dim // kind.a1, target.in_dim // kind.a2))
     if (w1.shape, w2.shape) != expected:
-        raise ValueError(f"{adapter.component}/{target.path}: Kronecker factors {w1.shape}, {w2.shape} "
-                         f"do not fit the layer (expected {expected[0]}, {expected[1]})")
+        raise ValueError(
+            f"{adapter.component}/{target.path}: Kronecker factors {w1.shape}, {w2.shape} "
+            f"do not fit the layer (expected {expected[0]}, {expected[1]})"
+        )
     return w1, w2
 
 
@@ -118,17 +120,27 @@ def _network_fields(ranks: Mapping[str, int], lokr: bool) -> dict[str, str]:
     """kohya's ``ss_network_*`` entries for the written layers."""
     distinct = sorted(set(ranks.values()))
     dim = str(distinct[0]) if len(distinct) == 1 else "Dynamic" if distinct else "1"
-    fields = {"ss_network_module": "lycoris.kohya" if lokr else "networks.lora",
-              "ss_network_dim": dim, "ss_network_alpha": dim}  # alpha == r on every LoRA layer
+    fields = {
+        "ss_network_module": "lycoris.kohya" if lokr else "networks.lora",
+        "ss_network_dim": dim,
+        "ss_network_alpha": dim,
+    }  # alpha == r on every LoRA layer
     if lokr:
         fields["ss_network_args"] = json.dumps({"algo": "lokr", "full_matrix": "True"})
     return fields
 
 
 def export_kohya(
-    path: str | os.PathLike, adapters: Mapping[str, Adapter], trainable: Mapping[str, Mapping],
-    frozen: Mapping[str, Mapping] | None = None, *, dtype: str = "float32", trigger: str | None = None,
-    output_name: str | None = None, base_model_version: str = "sd_v1", base_fingerprint: str | None = None,
+    path: str | os.PathLike,
+    adapters: Mapping[str, Adapter],
+    trainable: Mapping[str, Mapping],
+    frozen: Mapping[str, Mapping] | None = None,
+    *,
+    dtype: str = "float32",
+    trigger: str | None = None,
+    output_name: str | None = None,
+    base_model_version: str = "sd_v1",
+    base_fingerprint: str | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> WebuiExport:
     """Writes adapters as one kohya/A1111/ComfyUI file whose ΔW equals ours on every layer.
@@ -191,18 +203,29 @@ def export_kohya(
     output_name = output_name or path.stem
     written = {
         **_network_fields(ranks, "lokr" in modules.values()),
-        "ss_base_model_version": base_model_version, "ss_v2": str(base_model_version == "sd_v2"),
+        "ss_base_model_version": base_model_version,
+        "ss_v2": str(base_model_version == "sd_v2"),
         "ss_output_name": output_name,
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "diffusers",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.implementation": "diffusers",
         "modelspec.architecture": f"{_ARCHITECTURES[base_model_version]}/lora",
         "modelspec.title": output_name,
-        "hdb_jax.format": FORMAT, "hdb_jax.version": hdb_jax.__version__, "hdb_jax.dtype": dtype,
-        "hdb_jax.adapters": json.dumps({c: {"kind": a.kind.name, "hparams": dataclasses.asdict(a.kind)}
-                                        for c, a in adapters.items()}, sort_keys=True),
+        "hdb_jax.format": FORMAT,
+        "hdb_jax.version": hdb_jax.__version__,
+        "hdb_jax.dtype": dtype,
+        "hdb_jax.adapters": json.dumps(
+            {c: {"kind": a.kind.name, "hparams": dataclasses.asdict(a.kind)} for c, a in adapters.items()},
+            sort_keys=True,
+        ),
     }
     if trigger:
-        written.update({"ss_tag_frequency": json.dumps({output_name: {trigger: 1}}),
-                        "modelspec.trigger_phrase": trigger, "hdb_jax.trigger": trigger})
+        written.update(
+            {
+                "ss_tag_frequency": json.dumps({output_name: {trigger: 1}}),
+                "modelspec.trigger_phrase": trigger,
+                "hdb_jax.trigger": trigger,
+            }
+        )
     if base_fingerprint:
         written["hdb_jax.base_fingerprint"] = base_fingerprint
     extra = dict(metadata or {})
@@ -214,4 +237,3 @@ def export_kohya(
     written.update(extra)
     tensorfile.write(path, tensors, written)
     return WebuiExport(path, modules, ranks, written)
-

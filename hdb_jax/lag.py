@@ -56,8 +56,15 @@ class Recording:
 
 
 @contextlib.contextmanager
-def lag(adapter: A.Adapter, trainable: Mapping[str, Any], frozen: Mapping[str, Any] | None, token_weights: jax.Array,
-        branch: jax.Array, *, mask_override: float | None = None) -> Iterator[Recording]:
+def lag(
+    adapter: A.Adapter,
+    trainable: Mapping[str, Any],
+    frozen: Mapping[str, Any] | None,
+    token_weights: jax.Array,
+    branch: jax.Array,
+    *,
+    mask_override: float | None = None,
+) -> Iterator[Recording]:
     """Runs the UNet with LAG-masked residuals while the context is open.
 
     Args:
@@ -110,7 +117,9 @@ def lag(adapter: A.Adapter, trainable: Mapping[str, Any], frozen: Mapping[str, A
         else:
             block = block_of(path)
             if block not in rec.masks:
-                raise RuntimeError(f"LAG: no cross-attention map recorded for block '{block}' before its proj_out")
+                raise RuntimeError(
+                    f"LAG: no cross-attention map recorded for block '{block}' before its proj_out"
+                )
             mask = rec.masks[block].reshape(x.shape[:-1] + (1,)).astype(y.dtype)
         return y + mask * update.astype(y.dtype)
 

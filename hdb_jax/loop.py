@@ -161,9 +161,12 @@ def train(
                 fetched = {k: np.asarray(v) for k, v in jax.device_get(dict(out)).items()}
                 host = {k: float(v) for k, v in fetched.items() if v.ndim == 0}  # arrays stay off the writer
                 if loss_key in host and not np.isfinite(host[loss_key]):
-                    where = f"step {last_good} in {checkpointer.directory}" if last_good is not None else "none"
-                    raise NonFiniteLossError(f"{name}: {loss_key} is {host[loss_key]} at step {s}; "
-                                             f"last good checkpoint: {where}")
+                    where = (
+                        f"step {last_good} in {checkpointer.directory}" if last_good is not None else "none"
+                    )
+                    raise NonFiniteLossError(
+                        f"{name}: {loss_key} is {host[loss_key]} at step {s}; last good checkpoint: {where}"
+                    )
                 now = time.perf_counter()
                 host["steps_per_s"] = (s - s_log) / max(now - t_log, 1e-9)
                 t_log, s_log = now, s
@@ -174,13 +177,17 @@ def train(
                     bar.set_postfix({k: f"{host[k]:.4g}" for k in (loss_key, "steps_per_s") if k in host})
             if validate is not None and validate_every > 0 and s % validate_every == 0 and s < steps:
                 run_validation(s)
-            stop = (checkpointer is not None and checkpointer.should_stop(s)) or (stop_after > 0 and s - start >= stop_after)
+            stop = (checkpointer is not None and checkpointer.should_stop(s)) or (
+                stop_after > 0 and s - start >= stop_after
+            )
             if checkpointer is not None and checkpointer.save(s, state, config, force=stop or s == steps):
                 last_good = s
             if stop and s < steps:
                 stopped = True
                 if jax.process_index() == 0:
-                    print(f"\n{name}: stopped at step {s} (checkpoint saved); rerun the same command to resume")
+                    print(
+                        f"\n{name}: stopped at step {s} (checkpoint saved); rerun the same command to resume"
+                    )
                 break
     finally:
         batches.close()

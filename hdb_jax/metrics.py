@@ -49,7 +49,9 @@ class Writer:
             for tag, image in images.items():
                 image = np.asarray(image)
                 if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-                    raise ValueError(f"image '{tag}': expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
+                    raise ValueError(
+                        f"image '{tag}': expected uint8 [H, W, 3], got {image.dtype} {image.shape}"
+                    )
                 self._writer.add_image(tag, image, int(step), dataformats="HWC")
 
     def text(self, step: int, tag: str, text: str) -> None:

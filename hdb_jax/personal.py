@@ -78,21 +78,28 @@ def _factor_shapes(kind, in_dim: int, out_dim: int, conv: bool) -> dict[str, tup
 
 def _common_shapes(adapter: Adapter) -> dict[str, tuple[int, ...]] | None:
     """The factor shapes all targets share (always for LiDB): ``stacked`` storage; None if they differ."""
-    shapes = {tuple(_factor_shapes(adapter.kind, t.in_dim, t.out_dim, t.conv).items())
-              for t in adapter.targets}
+    shapes = {
+        tuple(_factor_shapes(adapter.kind, t.in_dim, t.out_dim, t.conv).items()) for t in adapter.targets
+    }
     return dict(shapes.pop()) if len(shapes) == 1 else None
 
 
-def expected_shapes(adapters: Mapping[str, Adapter], layout: Mapping[str, str] | None = None
-                    ) -> dict[str, tuple[int, ...]]:
+def expected_shapes(
+    adapters: Mapping[str, Adapter], layout: Mapping[str, str] | None = None
+) -> dict[str, tuple[int, ...]]:
     """Stored tensor names and shapes: ``{component}/{module_path}/{factor}`` for ``per_layer``
     components (all when ``layout`` is None), ``{component}/{factor}`` ``[n_layers, ...]`` for
     ``stacked`` ones (ValueError if their layers' factor shapes differ)."""
     expected = {}
     for c, a in adapters.items():
         if (layout or {}).get(c) != STACKED:
-            expected.update({f"{c}/{t.path}/{f}": s for t in a.targets
-                             for f, s in _factor_shapes(a.kind, t.in_dim, t.out_dim, t.conv).items()})
+            expected.update(
+                {
+                    f"{c}/{t.path}/{f}": s
+                    for t in a.targets
+                    for f, s in _factor_shapes(a.kind, t.in_dim, t.out_dim, t.conv).items()
+                }
+            )
         elif (common := _common_shapes(a)) is not None:
             expected.update({f"{c}/{f}": (len(a.targets), *s) for f, s in common.items()})
         else:
@@ -117,8 +124,13 @@ def _jsonable(value):  # numpy / JAX values in ``extra`` become lists; anything 
 
 # -------------------------------------------------------------------- save / load
 def save_personal(
-    path: str | os.PathLike, adapters: Mapping[str, Adapter], trainable: Mapping[str, Mapping], *,
-    base_fingerprint: str, basis_hash: str | None = None, extra: Mapping[str, Any] | None = None,
+    path: str | os.PathLike,
+    adapters: Mapping[str, Adapter],
+    trainable: Mapping[str, Mapping],
+    *,
+    base_fingerprint: str,
+    basis_hash: str | None = None,
+    extra: Mapping[str, Any] | None = None,
     dtype: str = "float32",
 ) -> Path:
     """Writes one identity's trainable factors with everything needed to use them again.
@@ -147,27 +159,38 @@ def save_personal(
     for component, adapter in adapters.items():
         if component != adapter.component or component not in trainable:
             raise ValueError(f"adapter {component!r} ({adapter.component}) has no trainable tree")
-    flat = {f"{c}/{module}/{factor}": np.asarray(array)
-            for c in adapters for module, layer in trainable[c].items() for factor, array in layer.items()}
+    flat = {
+        f"{c}/{module}/{factor}": np.asarray(array)
+        for c in adapters
+        for module, layer in trainable[c].items()
+        for factor, array in layer.items()
+    }
     problems = _mismatches(expected_shapes(adapters), flat)
     if problems:
-        raise ValueError(f"trainable factors do not fit the adapters ({len(problems)} problems, e.g. "
-                         f"{problems[:3]}); save one sample: per-sample trees carry a batch axis")
+        raise ValueError(
+            f"trainable factors do not fit the adapters ({len(problems)} problems, e.g. "
+            f"{problems[:3]}); save one sample: per-sample trees carry a batch axis"
+        )
     common = {c: _common_shapes(a) for c, a in adapters.items()}
     layout = {c: PER_LAYER if shapes is None else STACKED for c, shapes in common.items()}
     tensors = {n: x for n, x in flat.items() if layout[n.partition("/")[0]] == PER_LAYER}
     for c, a in adapters.items():  # stacked: rows in target-list order
-        tensors.update({f"{c}/{f}": np.stack([flat[f"{c}/{t.path}/{f}"] for t in a.targets])
-                        for f in common[c] or ()})
+        tensors.update(
+            {f"{c}/{f}": np.stack([flat[f"{c}/{t.path}/{f}"] for t in a.targets]) for f in common[c] or ()}
+        )
     tensors = {name: np.ascontiguousarray(a.astype(tensorfile.STORAGE[dtype])) for name, a in tensors.items()}
     kinds = {c: {"kind": a.kind.name, "hparams": dataclasses.asdict(a.kind)} for c, a in adapters.items()}
     targets = {c: [[t.path, t.in_dim, t.out_dim, t.conv] for t in a.targets] for c, a in adapters.items()}
     packed = zlib.compress(json.dumps(targets, separators=(",", ":")).encode(), 9)  # SD 1.5: 13 -> 0.7 KB
     metadata = {
-        "format": FORMAT, "format_version": str(VERSION), "dtype": dtype,
+        "format": FORMAT,
+        "format_version": str(VERSION),
+        "dtype": dtype,
         "content_hash": tensorfile.content_hash(tensors),
-        "base_fingerprint": base_fingerprint, "adapters": json.dumps(kinds, sort_keys=True),
-        "layout": json.dumps(layout, sort_keys=True), "targets_zlib": base64.b64encode(packed).decode(),
+        "base_fingerprint": base_fingerprint,
+        "adapters": json.dumps(kinds, sort_keys=True),
+        "layout": json.dumps(layout, sort_keys=True),
+        "targets_zlib": base64.b64encode(packed).decode(),
     }
     if basis_hash:
         metadata["basis_hash"] = basis_hash
@@ -191,10 +214,13 @@ def _header(meta: Mapping[str, str], path: Path) -> tuple[dict[str, Adapter], di
     targets = _parse_json(meta, "targets" if v1 else "targets_zlib", path, packed=not v1)
     layout = {c: PER_LAYER for c in kinds} if v1 else _parse_json(meta, "layout", path)
     try:
-        layers = {c: tuple(Target(str(p), int(i), int(o), bool(v)) for p, i, o, v in ts)
-                  for c, ts in targets.items()}
-        adapters = {c: Adapter(kind_from_config(k["kind"], **k["hparams"]), layers[c], c)
-                    for c, k in kinds.items()}
+        layers = {
+            c: tuple(Target(str(p), int(i), int(o), bool(v)) for p, i, o, v in ts)
+            for c, ts in targets.items()
+        }
+        adapters = {
+            c: Adapter(kind_from_config(k["kind"], **k["hparams"]), layers[c], c) for c, k in kinds.items()
+        }
         for adapter in adapters.values():
             adapter.num_params()  # shape errors (e.g. Kronecker divisibility) surface here
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -254,35 +280,45 @@ def load_personal(
     tensorfile.check_dtype(dtype, PersonalWeightsError, f"{path}: ")
     actual = tensorfile.content_hash(flat)
     if actual != meta.get("content_hash"):
-        raise PersonalWeightsError(f"{path}: tensors hash to {actual} but the file records "
-                                   f"{meta.get('content_hash')}; the file is corrupt or was edited")
+        raise PersonalWeightsError(
+            f"{path}: tensors hash to {actual} but the file records "
+            f"{meta.get('content_hash')}; the file is corrupt or was edited"
+        )
     try:
         problems = _mismatches(expected_shapes(adapters, layout), flat, tensorfile.STORAGE[dtype])
     except ValueError as err:
         raise PersonalWeightsError(f"{path}: {err}") from err
     if problems:
-        raise PersonalWeightsError(f"{path}: tensors do not match the recorded targets "
-                                   f"({len(problems)} problems, e.g. {problems[:3]})")
+        raise PersonalWeightsError(
+            f"{path}: tensors do not match the recorded targets "
+            f"({len(problems)} problems, e.g. {problems[:3]})"
+        )
     trainable: dict[str, dict[str, dict[str, np.ndarray]]] = {c: {} for c in adapters}
     for c, a in adapters.items():
         stacked = layout[c] == STACKED
         for i, t in enumerate(a.targets):  # stacked rows follow the target list
             trainable[c][t.path] = {  # copies, widened to float32
                 f: np.array(flat[f"{c}/{f}"][i] if stacked else flat[f"{c}/{t.path}/{f}"], np.float32)
-                for f in _factor_shapes(a.kind, t.in_dim, t.out_dim, t.conv)}
+                for f in _factor_shapes(a.kind, t.in_dim, t.out_dim, t.conv)
+            }
     metadata = {
-        "format": FORMAT, "format_version": int(meta["format_version"]), "dtype": dtype,
-        "base_fingerprint": found, "basis_hash": meta.get("basis_hash"), "content_hash": actual,
-        "adapters": _parse_json(meta, "adapters", path), "targets": targets, "layout": layout,
+        "format": FORMAT,
+        "format_version": int(meta["format_version"]),
+        "dtype": dtype,
+        "base_fingerprint": found,
+        "basis_hash": meta.get("basis_hash"),
+        "content_hash": actual,
+        "adapters": _parse_json(meta, "adapters", path),
+        "targets": targets,
+        "layout": layout,
         "extra": _parse_json(meta, "extra", path) if "extra" in meta else None,
     }
     return Personal(adapters, trainable, metadata)
 
 
-
-
-def load_for_model(path: str | os.PathLike, params: Mapping[str, Any], basis_file: str | os.PathLike | None = None
-                   ) -> tuple[dict, dict, dict]:
+def load_for_model(
+    path: str | os.PathLike, params: Mapping[str, Any], basis_file: str | os.PathLike | None = None
+) -> tuple[dict, dict, dict]:
     """Reads a personal weights file for the base model ``params``.
 
     Args:
@@ -311,10 +347,14 @@ def load_for_model(path: str | os.PathLike, params: Mapping[str, Any], basis_fil
         if not isinstance(adapter.kind, LiDB):
             continue
         if not basis_file:
-            raise PersonalWeightsError(f"{path}: LiDB weights need the basis they were trained with (--basis FILE)")
+            raise PersonalWeightsError(
+                f"{path}: LiDB weights need the basis they were trained with (--basis FILE)"
+            )
         names = {t.path: f"{component}.{t.path}" for t in adapter.targets}  # the trainer's keys
         missing = [n for n in names.values() if n not in bases]
         if missing:
-            raise PersonalWeightsError(f"{basis_file}: no basis for {len(missing)} layers, e.g. {missing[:2]}")
+            raise PersonalWeightsError(
+                f"{basis_file}: no basis for {len(missing)} layers, e.g. {missing[:2]}"
+            )
         frozen[component] = {p: bases[n] for p, n in names.items()}
     return personal.adapters, personal.trainable, frozen

@@ -59,7 +59,9 @@ def default_config(variant: str = "fresh") -> ml_collections.ConfigDict:
         raise ValueError(f"variant={variant!r}: choose from {relax.VARIANTS}")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = ml_collections.ConfigDict(dict(source=os.fspath(base_model_dir()), resolution=0))  # 0: the model's own
+    c.model = ml_collections.ConfigDict(
+        dict(source=os.fspath(base_model_dir()), resolution=0)
+    )  # 0: the model's own
     c.hypernet = os.fspath(hypernet_dir())  # a bundle written by hypernetwork training
     c.prompt = "a sks face"
     c.compile_cache = os.path.expanduser("~/.cache/hdb_jax/jax_compile")  # empty: no persistent cache
@@ -96,7 +98,9 @@ def validate_image(path: str | os.PathLike, resolution: int, config: ml_collecti
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference image {path} does not exist")
-    return folder.load_image(path, resolution, min_size=config.min_image_size, max_pixels=config.max_image_pixels)
+    return folder.load_image(
+        path, resolution, min_size=config.min_image_size, max_pixels=config.max_image_pixels
+    )
 
 
 def zero_prediction(adapters: Mapping[str, A.Adapter]) -> dict:
@@ -126,16 +130,22 @@ class Personalizer:
             bundle_lib.read_meta(config.hypernet)  # a missing bundle fails before the model loads
             sd, params = build.base_model(config.model)
         fingerprint = params_fingerprint(params)
-        bundle = bundle_lib.load(config.hypernet, jax.eval_shape(lambda: params), base_fingerprint=fingerprint)
+        bundle = bundle_lib.load(
+            config.hypernet, jax.eval_shape(lambda: params), base_fingerprint=fingerprint
+        )
         r = config.relax
-        optimizer = build.optimizer(dict(learning_rate=r.learning_rate, weight_decay=r.weight_decay, grad_clip=r.grad_clip))
+        optimizer = build.optimizer(
+            dict(learning_rate=r.learning_rate, weight_decay=r.weight_decay, grad_clip=r.grad_clip)
+        )
         ids = np.asarray(sd.tokenize([config.prompt]))[0]
         return cls(sd, params, bundle, config, fingerprint, optimizer, ids)
 
     # ---------------------------------------------------------------- compiled programs
     @property
     def resolution(self) -> int:
-        return self.config.model.resolution if self.config.model.resolution > 0 else self.sd.default_resolution
+        return (
+            self.config.model.resolution if self.config.model.resolution > 0 else self.sd.default_resolution
+        )
 
     def _predict_fn(self, images, iterations: int | None):
         net = self.bundle.net
@@ -144,14 +154,18 @@ class Personalizer:
     def _compiled_predict(self, iterations: int | None):
         if iterations not in self._predict:
             image = jax.ShapeDtypeStruct((1, self.resolution, self.resolution, 3), jnp.float32)
-            self._predict[iterations] = jax.jit(self._predict_fn, static_argnums=1).lower(image, iterations).compile()
+            self._predict[iterations] = (
+                jax.jit(self._predict_fn, static_argnums=1).lower(image, iterations).compile()
+            )
         return self._predict[iterations]
 
     def _start(self, predicted: Mapping[str, Any], key: jax.Array):
         """``(relaxed, state, applied prediction, run key)`` of one identity (see :meth:`finetune_many`)."""
         b, r = self.bundle, self.config.relax
         k_init, k_run = jax.random.split(key)
-        rx = relax.relax(r.variant, None, b.adapters, b.basis, predicted, rank=r.rank, alpha=r.alpha or None, key=k_init)
+        rx = relax.relax(
+            r.variant, None, b.adapters, b.basis, predicted, rank=r.rank, alpha=r.alpha or None, key=k_init
+        )
         applied = predicted if r.variant == "fresh" else jax.tree_util.tree_map(jnp.zeros_like, predicted)
         return rx, relax.init_state(rx, self.optimizer), applied, k_run
 
@@ -159,18 +173,36 @@ class Personalizer:
         """The N-photo, K-step program (AOT-compiled once per (N, K); cached on disk too)."""
         if (n, steps) not in self._run:
             r = self.config.relax
-            rx, state, applied, k_run = self._start(zero_prediction(self.bundle.adapters), jax.random.PRNGKey(0))
-            program = relax.make_batched_finetune(self.sd, rx.adapters, self.bundle.adapters, self.optimizer,
-                                                  batch_size=r.batch_size, flip=r.flip, shift=r.shift,
-                                                  map_batch=r.get("map_batch", 1))
+            rx, state, applied, k_run = self._start(
+                zero_prediction(self.bundle.adapters), jax.random.PRNGKey(0)
+            )
+            program = relax.make_batched_finetune(
+                self.sd,
+                rx.adapters,
+                self.bundle.adapters,
+                self.optimizer,
+                batch_size=r.batch_size,
+                flip=r.flip,
+                shift=r.shift,
+                map_batch=r.get("map_batch", 1),
+            )
             spec = lambda t: jax.tree_util.tree_map(  # noqa: E731
-                lambda x: jax.ShapeDtypeStruct((n, *jnp.shape(x)), jnp.result_type(x)), t)
-            plain = lambda t: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t)  # noqa: E731
+                lambda x: jax.ShapeDtypeStruct((n, *jnp.shape(x)), jnp.result_type(x)), t
+            )
+            plain = lambda t: jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t
+            )  # noqa: E731
             res = self.resolution
             self._run[(n, steps)] = program.lower(
-                spec(state), spec(applied), plain(self.params), plain(self.bundle.basis),
-                jax.ShapeDtypeStruct((n, res, res, 3), jnp.float32), plain(jnp.asarray(self.input_ids)), spec(k_run),
-                steps).compile()
+                spec(state),
+                spec(applied),
+                plain(self.params),
+                plain(self.bundle.basis),
+                jax.ShapeDtypeStruct((n, res, res, 3), jnp.float32),
+                plain(jnp.asarray(self.input_ids)),
+                spec(k_run),
+                steps,
+            ).compile()
         return self._run[(n, steps)]
 
     def compile(self, steps: int | None = None) -> float:
@@ -191,10 +223,20 @@ class Personalizer:
 
     def relax(self, predicted: Mapping[str, Any], key: jax.Array) -> relax.Relaxed:
         b, r = self.bundle, self.config.relax
-        return relax.relax(r.variant, self.params, b.adapters, b.basis, predicted, rank=r.rank, alpha=r.alpha or None, key=key)
+        return relax.relax(
+            r.variant,
+            self.params,
+            b.adapters,
+            b.basis,
+            predicted,
+            rank=r.rank,
+            alpha=r.alpha or None,
+            key=key,
+        )
 
-    def finetune_from(self, predicted: Mapping[str, Any], image: np.ndarray, key: jax.Array,
-                      steps: int | None = None) -> tuple[dict, dict, np.ndarray]:
+    def finetune_from(
+        self, predicted: Mapping[str, Any], image: np.ndarray, key: jax.Array, steps: int | None = None
+    ) -> tuple[dict, dict, np.ndarray]:
         """Relaxes ``predicted`` and runs the compiled K-step finetune on ``image``.
 
         Args:
@@ -209,8 +251,13 @@ class Personalizer:
         """
         return self.finetune_many([predicted], np.asarray(image)[None], jnp.stack([key]), steps)[0]
 
-    def finetune_many(self, predicted: list[Mapping[str, Any]], references: np.ndarray, keys: jax.Array,
-                      steps: int | None = None) -> list[tuple[dict, dict, np.ndarray]]:
+    def finetune_many(
+        self,
+        predicted: list[Mapping[str, Any]],
+        references: np.ndarray,
+        keys: jax.Array,
+        steps: int | None = None,
+    ) -> list[tuple[dict, dict, np.ndarray]]:
         """:meth:`finetune_from` for N photos at once, as one compiled program (compiled once per N, K).
 
         The base weights are shared (each prediction is applied in activation space, see
@@ -230,22 +277,35 @@ class Personalizer:
         stack = lambda trees: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)  # noqa: E731
         run = self._compiled_run(len(started), steps)
         pixels = jnp.asarray(images.to_unit_range(np.asarray(references)))
-        states, losses = run(stack([s[1] for s in started]), stack([s[2] for s in started]), self.params, self.bundle.basis,
-                             pixels, jnp.asarray(self.input_ids), jnp.stack([s[3] for s in started]))
+        states, losses = run(
+            stack([s[1] for s in started]),
+            stack([s[2] for s in started]),
+            self.params,
+            self.bundle.basis,
+            pixels,
+            jnp.asarray(self.input_ids),
+            jnp.stack([s[3] for s in started]),
+        )
         out = []
         for i, (rx, *_) in enumerate(started):
             adapters, tree = relax.fold(rx, jax.tree_util.tree_map(lambda x: x[i], states["trainable"]))
             out.append((adapters, tree, np.asarray(losses[i])))
         return out
 
-    def export(self, out: str | os.PathLike, adapters: Mapping[str, A.Adapter], tree: Mapping[str, Any],
-               extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    def export(
+        self,
+        out: str | os.PathLike,
+        adapters: Mapping[str, A.Adapter],
+        tree: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, str]:
         """Writes ``personal.safetensors`` and the diffusers/PEFT ``lora/`` folder; returns their paths."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         tree = jax.device_get(tree)
-        written = personal.save_personal(out / "personal.safetensors", adapters, tree, base_fingerprint=self.fingerprint,
-                                         extra=extra)
+        written = personal.save_personal(
+            out / "personal.safetensors", adapters, tree, base_fingerprint=self.fingerprint, extra=extra
+        )
         lora = export.export_lora(out / "lora", adapters, tree)
         return {"personal": os.fspath(written), "lora": os.fspath(lora.path)}
 
@@ -264,40 +324,61 @@ def personalize(config: ml_collections.ConfigDict, image_path: str, out: str) ->
     resolution = config.model.resolution if config.model.resolution > 0 else configs_only.default_resolution
     if os.path.isdir(image_path):
         photos = folder.ImageFolder(image_path, resolution=resolution, min_size=config.min_image_size)
-        named = [(Path(photos.paths[i]).stem, photos[i]["image"], photos.paths[i]) for i in range(len(photos))]
+        named = [
+            (Path(photos.paths[i]).stem, photos[i]["image"], photos.paths[i]) for i in range(len(photos))
+        ]
     else:
         named = [("", validate_image(image_path, resolution, config), image_path)]
     p = Personalizer.load(config)
     timings["load"] = time.perf_counter() - t0
     chunk = max(1, min(len(named), int(config.relax.get("photos_per_program", 8))))
-    timings["compile"] = p.compile() if chunk == 1 else p.compile() + _time(lambda: p._compiled_run(chunk, config.relax.steps))
+    timings["compile"] = (
+        p.compile() if chunk == 1 else p.compile() + _time(lambda: p._compiled_run(chunk, config.relax.steps))
+    )
     r = config.relax
     timings["hypernet"] = timings["finetune"] = timings["export"] = 0.0
     files, losses = {}, {}
     for start in range(0, len(named), chunk):
-        group = named[start:start + chunk]
+        group = named[start : start + chunk]
         group = group + [group[-1]] * (chunk - len(group))  # pad the last program to its compiled size
         t = time.perf_counter()
         predicted = [jax.block_until_ready(p.predict(image)) for _, image, _ in group]
         timings["hypernet"] += time.perf_counter() - t
         t = time.perf_counter()
-        keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), start + i) if len(named) > 1
-                          else jax.random.PRNGKey(config.seed) for i in range(len(group))])
+        keys = jnp.stack(
+            [
+                jax.random.fold_in(jax.random.PRNGKey(config.seed), start + i)
+                if len(named) > 1
+                else jax.random.PRNGKey(config.seed)
+                for i in range(len(group))
+            ]
+        )
         results = p.finetune_many(predicted, np.stack([image for _, image, _ in group]), keys)
         jax.block_until_ready(results[-1][1])
         timings["finetune"] += time.perf_counter() - t
         t = time.perf_counter()
         for (stem, _, path), (adapters, tree, loss) in list(zip(group, results))[: len(named) - start]:
-            extra = {"image": os.path.abspath(path), "variant": r.variant, "rank": r.rank, "steps": r.steps,
-                     "learning_rate": r.learning_rate, "prompt": config.prompt, "hypernet_basis_hash": p.bundle.basis_hash}
+            extra = {
+                "image": os.path.abspath(path),
+                "variant": r.variant,
+                "rank": r.rank,
+                "steps": r.steps,
+                "learning_rate": r.learning_rate,
+                "prompt": config.prompt,
+                "hypernet_basis_hash": p.bundle.basis_hash,
+            }
             files[stem or "photo"] = p.export(Path(out) / stem if stem else out, adapters, tree, extra=extra)
             losses[stem or "photo"] = [float(x) for x in loss]
         timings["export"] += time.perf_counter() - t
-    report = {"timings_s": {k: round(v, 3) for k, v in timings.items()},
-              "identities": len(named), "identities_per_s": round(len(named) / max(timings["hypernet"] + timings["finetune"], 1e-9), 3),
-              "losses": losses["photo"] if len(named) == 1 and "photo" in losses else losses,
-              "files": files["photo"] if len(named) == 1 and "photo" in files else files,
-              "compile_cache": config.compile_cache or None, "device": jax.devices()[0].platform}
+    report = {
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "identities": len(named),
+        "identities_per_s": round(len(named) / max(timings["hypernet"] + timings["finetune"], 1e-9), 3),
+        "losses": losses["photo"] if len(named) == 1 and "photo" in losses else losses,
+        "files": files["photo"] if len(named) == 1 and "photo" in files else files,
+        "compile_cache": config.compile_cache or None,
+        "device": jax.devices()[0].platform,
+    }
     Path(out).mkdir(parents=True, exist_ok=True)
     Path(out, "timings.json").write_text(json.dumps(report, indent=1))
     print(timing_table(timings))
@@ -323,9 +404,12 @@ def main(argv=None) -> None:
     from absl import app, flags, logging
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file("config", "configs/personalize.py", "configs/personalize.py[:knobs]",
-                                                  lock_config=True)
-    flags.DEFINE_string("image", None, "the reference photo (jpg, png, webp, bmp, gif), or a folder of photos")
+    config_flag = config_flags.DEFINE_config_file(
+        "config", "configs/personalize.py", "configs/personalize.py[:knobs]", lock_config=True
+    )
+    flags.DEFINE_string(
+        "image", None, "the reference photo (jpg, png, webp, bmp, gif), or a folder of photos"
+    )
     flags.DEFINE_string("out", None, "output directory for personal.safetensors, lora/ and timings.json")
     flags.mark_flags_as_required(["image", "out"])
 
@@ -333,8 +417,13 @@ def main(argv=None) -> None:
         logging.set_verbosity(logging.WARNING)
         try:
             personalize(config_flag.value, flags.FLAGS.image, flags.FLAGS.out)
-        except (folder.BadImageError, folder.NoImagesError, FileNotFoundError, bundle_lib.BundleError,
-                loading.ModelLoadError) as err:
+        except (
+            folder.BadImageError,
+            folder.NoImagesError,
+            FileNotFoundError,
+            bundle_lib.BundleError,
+            loading.ModelLoadError,
+        ) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
 

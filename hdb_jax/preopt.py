@@ -55,15 +55,26 @@ def make_step(sd, adapters: Mapping[str, A.Adapter], optimizer) -> Callable:
         k_view, k_loss = jax.vmap(jax.random.split)(keys).transpose(1, 0, *range(2, keys.ndim + 1))
         num_views = chunk["views"].shape[1]
         which = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_views))(k_view)  # [K]
-        pixels = jnp.take_along_axis(chunk["views"], which[:, None, None, None, None], axis=1)[:, 0]  # [K, H, W, 3]
+        pixels = jnp.take_along_axis(chunk["views"], which[:, None, None, None, None], axis=1)[
+            :, 0
+        ]  # [K, H, W, 3]
 
         def losses(trainable):
             with A.attach_all(adapters, trainable, frozen["basis"], per_sample=True):
-                return diffusion.denoising_loss(sd, sched_state, frozen["params"], pixels, chunk["input_ids"], k_loss,
-                                                per_sample=True, per_sample_keys=True)
+                return diffusion.denoising_loss(
+                    sd,
+                    sched_state,
+                    frozen["params"],
+                    pixels,
+                    chunk["input_ids"],
+                    k_loss,
+                    per_sample=True,
+                    per_sample_keys=True,
+                )
 
-        (_, per_identity), grads = jax.value_and_grad(lambda t: (jnp.sum(per := losses(t)), per), has_aux=True)(
-            state["trainable"])
+        (_, per_identity), grads = jax.value_and_grad(
+            lambda t: (jnp.sum(per := losses(t)), per), has_aux=True
+        )(state["trainable"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
         new = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
@@ -82,18 +93,24 @@ def make_eval(sd, adapters: Mapping[str, A.Adapter], draws: int = 2) -> Callable
         ids = jnp.repeat(chunk["input_ids"], v, axis=0)
         per_row = jax.tree_util.tree_map(lambda x: jnp.repeat(x, v, axis=0), trainable)
         with A.attach_all(adapters, per_row, frozen["basis"], per_sample=True):
-            loss = diffusion.fixed_draw_loss(sd, sched_state, frozen["params"], pixels, ids, key, draws=draws,
-                                             per_sample=True)
+            loss = diffusion.fixed_draw_loss(
+                sd, sched_state, frozen["params"], pixels, ids, key, draws=draws, per_sample=True
+            )
         return loss.reshape(k, v).mean(axis=1)
 
     return evaluate
 
 
-def _chunk_arrays(source, group: list, prompt_ids: np.ndarray, views_per_identity: int) -> dict[str, np.ndarray]:
+def _chunk_arrays(
+    source, group: list, prompt_ids: np.ndarray, views_per_identity: int
+) -> dict[str, np.ndarray]:
     """The chunk's views ``[K, V, H, W, 3]`` (an identity with fewer photos repeats them), prompts and ids."""
     views = np.stack([images.to_unit_range(source.views(i, range(views_per_identity))) for i in group])
-    return {"views": views, "input_ids": np.stack([prompt_ids] * len(group)),
-            "identities": np.asarray([identities_lib.number(i) for i in group], np.int32)}
+    return {
+        "views": views,
+        "input_ids": np.stack([prompt_ids] * len(group)),
+        "identities": np.asarray([identities_lib.number(i) for i in group], np.int32),
+    }
 
 
 def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any], source=None) -> dict:
@@ -134,45 +151,83 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any], sour
 
     def init_state():
         trainable = A.broadcast_batch(shared_init, chunk)
-        return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "trainable": trainable,
+            "opt_state": optimizer.init(trainable),
+        }
 
     abstract = jax.eval_shape(init_state)
     per_identity = sharding.batch_sharding(mesh)
     replicated = sharding.NamedSharding(mesh, sharding.P())
     state_sh = jax.tree_util.tree_map(lambda x: per_identity if x.ndim else replicated, abstract)
     init = jax.jit(init_state, out_shardings=state_sh)
-    step = jax.jit(make_step(sd, adapters_, optimizer), donate_argnums=(0,),
-                   in_shardings=(state_sh, None, per_identity, None), out_shardings=(state_sh, None))
+    step = jax.jit(
+        make_step(sd, adapters_, optimizer),
+        donate_argnums=(0,),
+        in_shardings=(state_sh, None, per_identity, None),
+        out_shardings=(state_sh, None),
+    )
     evaluate = jax.jit(make_eval(sd, adapters_), out_shardings=per_identity)
-    settings = {"prompt": config.data.prompt, "learning_rate": config.optim.learning_rate, "steps": config.steps,
-                "views": views, "init": "shared"}
+    settings = {
+        "prompt": config.data.prompt,
+        "learning_rate": config.optim.learning_rate,
+        "steps": config.steps,
+        "views": views,
+        "init": "shared",
+    }
     trained = []
     bar = metrics.progress(len(todo), desc="identities")
     with metrics.Writer(os.path.join(out_dir, "tb")) as writer:
         for start in range(0, len(todo), chunk):
-            group = todo[start:start + chunk]
+            group = todo[start : start + chunk]
             padded = group + [group[-1]] * (chunk - len(group))  # the last chunk repeats its last identity
             host = _chunk_arrays(source, padded, prompt_ids, views)
             arrays = sharding.global_batch(lambda r: {k: v[r] for k, v in host.items()}, chunk, mesh)
             state = init()
             before = np.asarray(jax.device_get(evaluate(state["trainable"], frozen, arrays, k_eval)))
             t0 = time.perf_counter()
-            result = loop.train(state, functools.partial(_apply, step, frozen=frozen, chunk=arrays, rng=k_train),
-                                lambda s: None, steps=config.steps, log_every=max(1, config.steps // 4), progress=False,
-                                name=f"preopt chunk {start // chunk}")
+            result = loop.train(
+                state,
+                functools.partial(_apply, step, frozen=frozen, chunk=arrays, rng=k_train),
+                lambda s: None,
+                steps=config.steps,
+                log_every=max(1, config.steps // 4),
+                progress=False,
+                name=f"preopt chunk {start // chunk}",
+            )
             final = np.asarray(jax.device_get(evaluate(result.state["trainable"], frozen, arrays, k_eval)))
-            trees = jax.tree_util.tree_map(lambda v: np.asarray(jax.device_get(v))[: len(group)], result.state["trainable"])
+            trees = jax.tree_util.tree_map(
+                lambda v: np.asarray(jax.device_get(v))[: len(group)], result.state["trainable"]
+            )
             if jax.process_index() == 0:
-                rows = [{"identity": i, "source": source.source_name(i), "loss_before": float(before[k]),
-                         "final_loss": float(final[k]), "steps": config.steps} for k, i in enumerate(group)]
-                weights_lib.write_chunk(out_dir, trees, rows, basis_hash=basis_hash, steps=config.steps, meta=settings)
+                rows = [
+                    {
+                        "identity": i,
+                        "source": source.source_name(i),
+                        "loss_before": float(before[k]),
+                        "final_loss": float(final[k]),
+                        "steps": config.steps,
+                    }
+                    for k, i in enumerate(group)
+                ]
+                weights_lib.write_chunk(
+                    out_dir, trees, rows, basis_hash=basis_hash, steps=config.steps, meta=settings
+                )
             n = len(trained) + len(done)
-            writer.scalars(n + len(group), {"chunk/loss_before": before[: len(group)].mean(),
-                                            "chunk/final_loss": final[: len(group)].mean(),
-                                            "chunk/seconds": time.perf_counter() - t0})
+            writer.scalars(
+                n + len(group),
+                {
+                    "chunk/loss_before": before[: len(group)].mean(),
+                    "chunk/final_loss": final[: len(group)].mean(),
+                    "chunk/seconds": time.perf_counter() - t0,
+                },
+            )
             trained += group
             bar.update(len(group))
-            bar.set_postfix(chunk_s=f"{time.perf_counter() - t0:.1f}", loss=f"{final[: len(group)].mean():.4f}")
+            bar.set_postfix(
+                chunk_s=f"{time.perf_counter() - t0:.1f}", loss=f"{final[: len(group)].mean():.4f}"
+            )
     bar.close()
     return {"trained": trained, "workdir": out_dir, "basis_hash": basis_hash}
 

@@ -106,8 +106,10 @@ def _check(variant: str, rank: int, lidb_adapters: Mapping[str, A.Adapter], pred
         for path in adapter.paths:
             got = {name: tuple(x.shape) for name, x in predicted[component][path].items()}
             if got != want:
-                raise ValueError(f"{component} '{path}': predicted factor shapes {got}, expected {want} "
-                                 "(one identity, no batch axis)")
+                raise ValueError(
+                    f"{component} '{path}': predicted factor shapes {got}, expected {want} "
+                    "(one identity, no batch axis)"
+                )
         if variant == "svd" and rank < kind.rank:
             raise ValueError(
                 f"{component}: relaxed rank {rank} is smaller than the LiDB prediction's rank "
@@ -164,8 +166,15 @@ def relax(
         for path in lidb.paths:
             down, up = lidb.kind.factors(predicted[c][path], basis[c][path])
             trainable[c][path] = _lora_holding(kind, trainable[c][path], down, up)
-    return Relaxed(variant, None if base_params is None else dict(base_params), adapters, trainable,
-                   dict(lidb_adapters), basis, predicted)
+    return Relaxed(
+        variant,
+        None if base_params is None else dict(base_params),
+        adapters,
+        trainable,
+        dict(lidb_adapters),
+        basis,
+        predicted,
+    )
 
 
 def init_state(relaxed: Relaxed, optimizer: optax.GradientTransformation) -> dict:
@@ -302,14 +311,20 @@ def make_batched_finetune(
         k_aug, k_loss = jax.random.split(jax.random.fold_in(rng, state["step"]))
         views = augment(image, k_aug, batch_size, flip=flip, shift=shift)
         ids = jnp.broadcast_to(input_ids, (batch_size, *input_ids.shape))
-        loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], predicted, params, basis, views, ids, k_loss)
+        loss, grads = jax.value_and_grad(loss_fn)(
+            state["trainable"], predicted, params, basis, views, ids, k_loss
+        )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
         return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, loss
 
     def run_one(state, predicted, params, basis, image, input_ids, rng, steps):
-        return jax.lax.scan(lambda carry, _: body(carry, predicted, params, basis, image, input_ids, rng), state, None,
-                            length=steps)
+        return jax.lax.scan(
+            lambda carry, _: body(carry, predicted, params, basis, image, input_ids, rng),
+            state,
+            None,
+            length=steps,
+        )
 
     def run(states, predicted, params, basis, images, input_ids, rngs, steps):
         one = lambda xs: run_one(xs[0], xs[1], params, basis, xs[2], input_ids, xs[3], steps)  # noqa: E731

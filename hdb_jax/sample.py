@@ -118,7 +118,11 @@ class LagSpec:
 
 
 def guided_model_fn(
-    sd: StableDiffusion, params_unet, cond: jax.Array, uncond: jax.Array | None, guidance_scale: float,
+    sd: StableDiffusion,
+    params_unet,
+    cond: jax.Array,
+    uncond: jax.Array | None,
+    guidance_scale: float,
     lag: tuple[LagSpec, Any, Any, jax.Array] | None = None,
 ) -> ModelFn:
     """The UNet under classifier-free guidance, as a ``model_fn`` for :func:`denoise`.
@@ -136,6 +140,7 @@ def guided_model_fn(
       ``(latents [B,C,h,w], t) -> guided output [B,C,h,w]``; with ``uncond`` the two halves
       run as one UNet batch of 2B.
     """
+
     def predict(x, t, context, branch, weights):
         if lag is None:
             return sd.predict(params_unet, x, t, context)
@@ -167,8 +172,14 @@ def guided_model_fn(
 
 @functools.lru_cache(maxsize=16)
 def make_sampler(
-    sd: StableDiffusion, *, scheduler: str = "ddim", num_steps: int = 25, guidance_scale: float = 7.5,
-    decode: bool = True, wrap: Callable | None = None, lag: LagSpec | None = None,
+    sd: StableDiffusion,
+    *,
+    scheduler: str = "ddim",
+    num_steps: int = 25,
+    guidance_scale: float = 7.5,
+    decode: bool = True,
+    wrap: Callable | None = None,
+    lag: LagSpec | None = None,
 ) -> Callable:
     """The jitted sampler ``(params, cond_ids, uncond_ids, latents0) -> images``.
 
@@ -224,9 +235,18 @@ def initial_latents(
 
 
 def sample(
-    sd: StableDiffusion, params: Mapping[str, Any], prompts: Sequence[str], seeds: Sequence[int], *,
-    negative_prompt: str = "", scheduler: str = "ddim", num_steps: int = 25, guidance_scale: float = 7.5,
-    batch_size: int = 4, resolution: int | None = None, progress: bool = True,
+    sd: StableDiffusion,
+    params: Mapping[str, Any],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    negative_prompt: str = "",
+    scheduler: str = "ddim",
+    num_steps: int = 25,
+    guidance_scale: float = 7.5,
+    batch_size: int = 4,
+    resolution: int | None = None,
+    progress: bool = True,
     lag: tuple[LagSpec, Any, Any] | None = None,
 ) -> np.ndarray:
     """Images of (prompt, seed) pairs, in fixed-size batches through one compiled sampler.
@@ -254,10 +274,17 @@ def sample(
 
     n = len(prompts)
     if n != len(seeds) or not n or batch_size < 1:
-        raise ValueError(f"need one seed per prompt and a positive batch size; got {n} prompts, "
-                         f"{len(seeds)} seeds, batch_size={batch_size}")
-    fn = make_sampler(sd, scheduler=scheduler, num_steps=num_steps, guidance_scale=guidance_scale,
-                      lag=None if lag is None else lag[0])
+        raise ValueError(
+            f"need one seed per prompt and a positive batch size; got {n} prompts, "
+            f"{len(seeds)} seeds, batch_size={batch_size}"
+        )
+    fn = make_sampler(
+        sd,
+        scheduler=scheduler,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        lag=None if lag is None else lag[0],
+    )
     extra = () if lag is None else ((lag[1], lag[2]),)
     cond_ids = sd.tokenize(list(prompts))  # [N, L]
     uncond_ids = np.broadcast_to(sd.tokenize([negative_prompt]), cond_ids.shape)  # [N, L]
@@ -317,9 +344,16 @@ def main(argv=None) -> list[Path]:
             raise SystemExit(f"error: {err}") from err
     pairs = list(itertools.product(range(len(args.prompt)), seeds))  # prompt-major
     images = sample(
-        sd, params, [args.prompt[i] for i, _ in pairs], [s for _, s in pairs],
-        negative_prompt=args.negative_prompt, scheduler=args.scheduler, num_steps=args.steps,
-        guidance_scale=args.guidance, batch_size=args.batch_size, resolution=args.resolution,
+        sd,
+        params,
+        [args.prompt[i] for i, _ in pairs],
+        [s for _, s in pairs],
+        negative_prompt=args.negative_prompt,
+        scheduler=args.scheduler,
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        batch_size=args.batch_size,
+        resolution=args.resolution,
     )
     out = Path(args.out)
     paths = save_images(images, out, [f"p{i}_s{s}" for i, s in pairs])

@@ -36,8 +36,15 @@ def maybe_initialize_distributed(config: Mapping[str, Any] | None = None) -> Non
     config = dict(config or {})
     if os.environ.get("HDB_DISTRIBUTED") == "0":
         return
-    explicit = {k: config[k] for k in ("coordinator_address", "num_processes", "process_id") if config.get(k) not in (None, "", -1)}
-    cluster = any(v in os.environ for v in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
+    explicit = {
+        k: config[k]
+        for k in ("coordinator_address", "num_processes", "process_id")
+        if config.get(k) not in (None, "", -1)
+    }
+    cluster = any(
+        v in os.environ
+        for v in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+    )
     if explicit or (config.get("auto", False) and cluster):
         if "local_device_ids" in config and config["local_device_ids"]:
             explicit["local_device_ids"] = list(config["local_device_ids"])
@@ -97,7 +104,9 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> P:
                 names = axis if isinstance(axis, tuple) else (axis,)
                 size = int(np.prod([mesh.shape[a] for a in names if a is not None]))
                 if axis is not None and shape[dim] % size:
-                    raise ValueError(f"rule {pattern!r}: dim {dim} of '{path}' {shape} not divisible by {axis}={size}")
+                    raise ValueError(
+                        f"rule {pattern!r}: dim {dim} of '{path}' {shape} not divisible by {axis}={size}"
+                    )
             return P(*spec)
     return P()
 
@@ -113,7 +122,8 @@ def path_str(path) -> str:
 def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for every leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, spec_for(path_str(path), tuple(np.shape(leaf)), mesh, rules)), tree
+        lambda path, leaf: NamedSharding(mesh, spec_for(path_str(path), tuple(np.shape(leaf)), mesh, rules)),
+        tree,
     )
 
 
@@ -131,7 +141,9 @@ def local_rows(global_size: int, mesh: Mesh) -> np.ndarray:
     return np.array(sorted(rows), dtype=np.int64)
 
 
-def global_batch(load_rows: Callable[[np.ndarray], Mapping[str, np.ndarray]], global_size: int, mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(
+    load_rows: Callable[[np.ndarray], Mapping[str, np.ndarray]], global_size: int, mesh: Mesh
+) -> dict[str, jax.Array]:
     """Assembles a global batch sharded by :func:`batch_sharding`; each process loads only its rows.
 
     Args:
@@ -156,7 +168,9 @@ def global_batch(load_rows: Callable[[np.ndarray], Mapping[str, np.ndarray]], gl
         for device, (rows_slice,) in index_map.items():
             take = [position[r] for r in range(*rows_slice.indices(global_size))]
             shards.append(jax.device_put(values[take], device))
-        out[name] = jax.make_array_from_single_device_arrays((global_size,) + values.shape[1:], sharding, shards)
+        out[name] = jax.make_array_from_single_device_arrays(
+            (global_size,) + values.shape[1:], sharding, shards
+        )
     return out
 
 

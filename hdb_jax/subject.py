@@ -38,7 +38,9 @@ from hdb_jax.sd.fingerprint import params_fingerprint
 
 
 # -------------------------------------------------------------------- steps
-def make_train_step(sd: model.StableDiffusion, tuning, optimizer, *, wrap: Callable | None = None) -> Callable:
+def make_train_step(
+    sd: model.StableDiffusion, tuning, optimizer, *, wrap: Callable | None = None
+) -> Callable:
     """The jitted ``train_step(state, frozen, batch, rng) -> (state, metrics)``.
 
     ``tuning`` is a :mod:`hdb_jax.tuning` method (adapters, DreamBooth, Textual Inversion), or a
@@ -114,7 +116,9 @@ class SubjectData:
         }
 
     def _draw(self, rng: np.random.Generator, pool: np.ndarray, count: int) -> np.ndarray:
-        index = rng.permutation(len(pool))[:count] if len(pool) >= count else rng.integers(0, len(pool), count)
+        index = (
+            rng.permutation(len(pool))[:count] if len(pool) >= count else rng.integers(0, len(pool), count)
+        )
         drawn = pool[index]
         if self.flip:
             flips = rng.random(count) < 0.5
@@ -140,7 +144,9 @@ def load_images(spec: ml_collections.ConfigDict, resolution: int, what: str) -> 
     return images.to_unit_range(pixels)
 
 
-def generated_class_images(spec, sd: model.StableDiffusion, params, class_prompt: str, workdir: str) -> np.ndarray:
+def generated_class_images(
+    spec, sd: model.StableDiffusion, params, class_prompt: str, workdir: str
+) -> np.ndarray:
     """DreamBooth's class images: ``spec.count`` samples of the class prompt by the base model itself.
 
     They are generated once into ``<workdir>/class_images/`` (PNG files and ``manifest.json``
@@ -157,23 +163,44 @@ def generated_class_images(spec, sd: model.StableDiffusion, params, class_prompt
 
     folder = os.path.join(workdir, "class_images")
     seeds = list(range(spec.seed, spec.seed + spec.count))
-    manifest = {"base_fingerprint": params_fingerprint(params), "prompt": class_prompt, "seeds": seeds,
-                "steps": spec.sample_steps, "guidance_scale": spec.guidance_scale}
+    manifest = {
+        "base_fingerprint": params_fingerprint(params),
+        "prompt": class_prompt,
+        "seeds": seeds,
+        "steps": spec.sample_steps,
+        "guidance_scale": spec.guidance_scale,
+    }
     path = os.path.join(folder, "manifest.json")
     names = [f"class_{s:05d}.png" for s in seeds]
-    if os.path.isfile(path) and json.load(open(path)) == manifest and all(os.path.isfile(os.path.join(folder, n)) for n in names):
+    if (
+        os.path.isfile(path)
+        and json.load(open(path)) == manifest
+        and all(os.path.isfile(os.path.join(folder, n)) for n in names)
+    ):
         return np.stack([np.asarray(Image.open(os.path.join(folder, n)).convert("RGB")) for n in names])
-    print(f"generating {spec.count} class images of '{class_prompt}' with the base model into {folder}", flush=True)
-    drawn = sample.sample(sd, params, [class_prompt] * len(seeds), seeds, num_steps=spec.sample_steps,
-                          guidance_scale=spec.guidance_scale, batch_size=min(8, len(seeds)), progress=False)
+    print(
+        f"generating {spec.count} class images of '{class_prompt}' with the base model into {folder}",
+        flush=True,
+    )
+    drawn = sample.sample(
+        sd,
+        params,
+        [class_prompt] * len(seeds),
+        seeds,
+        num_steps=spec.sample_steps,
+        guidance_scale=spec.guidance_scale,
+        batch_size=min(8, len(seeds)),
+        progress=False,
+    )
     images.save_images(drawn, folder, names)
     with open(path, "w") as f:
         json.dump(manifest, f, indent=1)
     return drawn
 
 
-def load_subject_data(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params=None,
-                      workdir: str | None = None) -> SubjectData:
+def load_subject_data(
+    config: ml_collections.ConfigDict, sd: model.StableDiffusion, params=None, workdir: str | None = None
+) -> SubjectData:
     """Loads and validates the subject (and class) images and tokenizes the prompts.
 
     Class images come from ``config.data.prior`` (``synthetic``, ``folder``, or ``generated``:
@@ -207,7 +234,9 @@ def _apply(compiled, state, batch, *, frozen, rng):
     return compiled(state, frozen, batch, rng)
 
 
-def build_tuning(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params, key: jax.Array, workdir: str):
+def build_tuning(
+    config: ml_collections.ConfigDict, sd: model.StableDiffusion, params, key: jax.Array, workdir: str
+):
     """``(tuning, frozen trees, basis hash)`` of ``config.method`` (``adapter`` uses ``config.adapter``)."""
     method = config.get("method", "adapter")
     if method == "adapter":
@@ -231,7 +260,9 @@ def _sample_grid(config, sd, params, tuning, trainable, frozen) -> np.ndarray:
     e = config.export
     prompts = [p for p in e.sample_prompts for _ in e.sample_seeds]
     seeds = [s for _ in e.sample_prompts for s in e.sample_seeds]
-    kwargs = dict(num_steps=e.sample_steps, guidance_scale=e.guidance_scale, batch_size=len(prompts), progress=False)
+    kwargs = dict(
+        num_steps=e.sample_steps, guidance_scale=e.guidance_scale, batch_size=len(prompts), progress=False
+    )
     personal = sample.sample(sd, tuning.merged(params, trainable, frozen), prompts, seeds, **kwargs)
     base = sample.sample(sd, params, prompts, seeds, **kwargs)
     return np.concatenate([personal, base])
@@ -253,7 +284,9 @@ def train(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params: 
     frozen = {"params": params, "basis": frozen_trees}
     n_params = tuning.num_params(trainable)
     if isinstance(tuning, tuning_lib.AdapterTuning):
-        where = f"{config.adapter.kind} on " + ", ".join(f"{c} ({len(a.targets)} layers)" for c, a in tuning.adapters.items())
+        where = f"{config.adapter.kind} on " + ", ".join(
+            f"{c} ({len(a.targets)} layers)" for c, a in tuning.adapters.items()
+        )
     else:
         where = tuning.name
     print(f"model {sd.name}; {where}: {n_params:,} trainable scalars")
@@ -268,8 +301,10 @@ def train(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params: 
         f.write(config.to_json_best_effort(indent=2))
 
     # The checkpointer (and its SIGTERM handler) exists before the compile: a stop asked for meanwhile is kept.
-    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every) as ckpt, \
-            metrics.Writer(os.path.join(workdir, "tb")) as writer:
+    with (
+        checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every) as ckpt,
+        metrics.Writer(os.path.join(workdir, "tb")) as writer,
+    ):
         bs = config.data.batch_size
         train_step = make_train_step(sd, tuning, optimizer)
         t0 = time.perf_counter()
@@ -283,7 +318,11 @@ def train(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params: 
         eval_key = jax.random.PRNGKey(config.seed + 1)
 
         def validate(st, step):
-            out = {"scalars": {"fixed_batch_loss": eval_loss(st["trainable"], frozen, eval_images, eval_ids, eval_key)}}
+            out = {
+                "scalars": {
+                    "fixed_batch_loss": eval_loss(st["trainable"], frozen, eval_images, eval_ids, eval_key)
+                }
+            }
             if config.export.sample_prompts:
                 trained = jax.device_get(st["trainable"])
                 grid = _sample_grid(config, sd, params, tuning, trained, jax.device_get(frozen_trees))
@@ -294,24 +333,61 @@ def train(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params: 
         evals = {"start": float(eval_loss(state["trainable"], frozen, eval_images, eval_ids, eval_key))}
         step_fn = functools.partial(_apply, compiled, frozen=frozen, rng=k_train)
         result = loop.train(
-            state, step_fn, lambda s: data.batch(config.seed, s, bs), steps=config.steps, checkpointer=ckpt,
-            writer=writer, config=config.to_dict(), log_every=config.log_every, stop_after=config.get("stop_after", 0),
-            validate=validate, validate_every=config.get("validate_every", 0), name="subject", start=start,
+            state,
+            step_fn,
+            lambda s: data.batch(config.seed, s, bs),
+            steps=config.steps,
+            checkpointer=ckpt,
+            writer=writer,
+            config=config.to_dict(),
+            log_every=config.log_every,
+            stop_after=config.get("stop_after", 0),
+            validate=validate,
+            validate_every=config.get("validate_every", 0),
+            name="subject",
+            start=start,
         )
         state = result.state
         evals["end"] = float(eval_loss(state["trainable"], frozen, eval_images, eval_ids, eval_key))
-        writer.hparams({"method": tuning.name, "adapter": config.adapter.kind, "steps": config.steps,
-                        "learning_rate": config.optim.learning_rate},
-                       {"final/fixed_batch_loss": evals["end"]})
-    print(f"fixed-batch denoising loss: {evals['start']:.5f} at step {result.start} -> {evals['end']:.5f} "
-          f"at step {result.step}")
+        writer.hparams(
+            {
+                "method": tuning.name,
+                "adapter": config.adapter.kind,
+                "steps": config.steps,
+                "learning_rate": config.optim.learning_rate,
+            },
+            {"final/fixed_batch_loss": evals["end"]},
+        )
+    print(
+        f"fixed-batch denoising loss: {evals['start']:.5f} at step {result.start} -> {evals['end']:.5f} "
+        f"at step {result.step}"
+    )
     losses = {s: h["loss"] for s, h in result.history.items()}
     with open(os.path.join(workdir, "losses.json"), "w") as f:
-        json.dump({"train": {str(k): v for k, v in losses.items()}, "eval_start_step": result.start,
-                   "eval_end_step": result.step, "eval": evals}, f, indent=1)
-    return {"state": state, "losses": losses, "workdir": workdir, "stopped_early": result.stopped_early, "eval": evals,
-            "num_params": n_params, "basis_hash": basis_hash, "sd": sd, "params": params, "tuning": tuning,
-            "frozen": frozen_trees, "loop": result}
+        json.dump(
+            {
+                "train": {str(k): v for k, v in losses.items()},
+                "eval_start_step": result.start,
+                "eval_end_step": result.step,
+                "eval": evals,
+            },
+            f,
+            indent=1,
+        )
+    return {
+        "state": state,
+        "losses": losses,
+        "workdir": workdir,
+        "stopped_early": result.stopped_early,
+        "eval": evals,
+        "num_params": n_params,
+        "basis_hash": basis_hash,
+        "sd": sd,
+        "params": params,
+        "tuning": tuning,
+        "frozen": frozen_trees,
+        "loop": result,
+    }
 
 
 def export(config: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict[str, str]:
@@ -333,23 +409,39 @@ def export(config: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict
     frozen = jax.device_get(result["frozen"])
     written = {}
     if isinstance(tuning, tuning_lib.AdapterTuning):
-        written["personal"] = os.fspath(personal.save_personal(
-            os.path.join(workdir, "personal.safetensors"), tuning.adapters, trainable,
-            base_fingerprint=params_fingerprint(result["params"]), basis_hash=result["basis_hash"],
-            extra={"steps": int(result["state"]["step"]), "prompt": config.data.prompt, "model": result["sd"].name},
-        ))
+        written["personal"] = os.fspath(
+            personal.save_personal(
+                os.path.join(workdir, "personal.safetensors"),
+                tuning.adapters,
+                trainable,
+                base_fingerprint=params_fingerprint(result["params"]),
+                basis_hash=result["basis_hash"],
+                extra={
+                    "steps": int(result["state"]["step"]),
+                    "prompt": config.data.prompt,
+                    "model": result["sd"].name,
+                },
+            )
+        )
         if config.export.lora:
             try:
-                lora_export.export_lora(os.path.join(workdir, "lora.safetensors"), tuning.adapters, trainable, frozen)
+                lora_export.export_lora(
+                    os.path.join(workdir, "lora.safetensors"), tuning.adapters, trainable, frozen
+                )
                 written["lora"] = os.path.join(workdir, "lora.safetensors")
             except lora_export.NotExportableError as err:
                 print(f"no standard LoRA file: {err}")
         if config.export.get("webui", False):
             from hdb_jax import export_webui
 
-            out = export_webui.export_kohya(os.path.join(workdir, "lora_webui.safetensors"), tuning.adapters, trainable,
-                                            frozen, trigger=config.data.prompt,
-                                            base_fingerprint=params_fingerprint(result["params"]))
+            out = export_webui.export_kohya(
+                os.path.join(workdir, "lora_webui.safetensors"),
+                tuning.adapters,
+                trainable,
+                frozen,
+                trigger=config.data.prompt,
+                base_fingerprint=params_fingerprint(result["params"]),
+            )
             written["webui"] = os.fspath(out.path)
     elif isinstance(tuning, tuning_lib.DreamBoothTuning):
         from hdb_jax.sd import loading
@@ -362,8 +454,11 @@ def export(config: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict
 
         path = os.path.join(workdir, "learned_embeds.safetensors")
         token = config.textual_inversion.export_token
-        tensorfile.write(path, {token: np.asarray(trainable["embedding"], np.float32)[None]},
-                         {"format": "pt", "hdb_jax.token": config.textual_inversion.token})
+        tensorfile.write(
+            path,
+            {token: np.asarray(trainable["embedding"], np.float32)[None]},
+            {"format": "pt", "hdb_jax.token": config.textual_inversion.token},
+        )
         written["learned_embeds"] = path
     if config.export.sample_prompts:
         e = config.export
@@ -371,11 +466,15 @@ def export(config: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict
         prompts = [p for p in e.sample_prompts for _ in e.sample_seeds]
         seeds = [s for _ in e.sample_prompts for s in e.sample_seeds]
         labels = [f"{tag}: {p} (seed {s})" for tag in ("personal", "base") for p, s in zip(prompts, seeds)]
-        written["grid"] = os.fspath(images.save_grid(grid, os.path.join(workdir, "samples.png"), cols=len(prompts),
-                                                     labels=labels))
+        written["grid"] = os.fspath(
+            images.save_grid(grid, os.path.join(workdir, "samples.png"), cols=len(prompts), labels=labels)
+        )
     for name, path in written.items():
-        size = os.path.getsize(path) if os.path.isfile(path) else sum(
-            os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+        size = (
+            os.path.getsize(path)
+            if os.path.isfile(path)
+            else sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+        )
         print(f"wrote {name}: {path} ({size:,} bytes)")
     return written
 

@@ -54,7 +54,9 @@ def reference(identity: int, kind: str, resolution: int, seed: int = 0) -> np.nd
     return synthetic.render_face(ident, var, resolution)
 
 
-def score_point(config, sd, params, evaluator: toy.ToyEvaluator, make: Callable[[int, np.ndarray], dict]) -> dict:
+def score_point(
+    config, sd, params, evaluator: toy.ToyEvaluator, make: Callable[[int, np.ndarray], dict]
+) -> dict:
     """Personalises every evaluation identity with ``make(identity, reference) -> params`` and scores it."""
     e = config.eval
     prompts = [q for q in e.prompts for _ in range(e.seeds)]
@@ -66,12 +68,25 @@ def score_point(config, sd, params, evaluator: toy.ToyEvaluator, make: Callable[
         t = time.perf_counter()
         personal = make(int(identity), ident_ref)
         seconds.append(time.perf_counter() - t)
-        drawn = sample.sample(sd, personal, prompts, seeds, num_steps=e.sample_steps, guidance_scale=e.guidance_scale,
-                              batch_size=len(prompts), progress=False)
+        drawn = sample.sample(
+            sd,
+            personal,
+            prompts,
+            seeds,
+            num_steps=e.sample_steps,
+            guidance_scale=e.guidance_scale,
+            batch_size=len(prompts),
+            progress=False,
+        )
         shape = (len(e.prompts), e.seeds)
-        per_id[int(identity)] = {"identity": evaluator.identity_scores(drawn, ident_ref).reshape(shape),
-                                 "prompt_fidelity": evaluator.prompt_fidelity(drawn, prompts).reshape(shape)}
-    out = {m: stats.bootstrap(np.stack([v[m] for v in per_id.values()]), replicates=e.replicates) for m in METRICS}
+        per_id[int(identity)] = {
+            "identity": evaluator.identity_scores(drawn, ident_ref).reshape(shape),
+            "prompt_fidelity": evaluator.prompt_fidelity(drawn, prompts).reshape(shape),
+        }
+    out = {
+        m: stats.bootstrap(np.stack([v[m] for v in per_id.values()]), replicates=e.replicates)
+        for m in METRICS
+    }
     out["seconds_per_identity"] = float(np.mean(seconds))
     return out
 
@@ -101,13 +116,18 @@ def _maker(config, point: dict, p: Personalizer, workdir: Path) -> Callable[[int
         def make(identity, ref):
             if point["x"] == 0:
                 return A.merge_all(q.params, q.bundle.adapters, q.predict(ref), q.bundle.basis)
-            adapters, tree, _ = q.finetune_from(q.predict(ref), ref, jax.random.PRNGKey(identity), steps=point["x"])
+            adapters, tree, _ = q.finetune_from(
+                q.predict(ref), ref, jax.random.PRNGKey(identity), steps=point["x"]
+            )
             return A.merge_all(q.params, adapters, tree)
+
         return make
     if config.sweep == "iterations":
-        return lambda identity, ref: A.merge_all(p.params, p.bundle.adapters, p.predict(ref, iterations=point["x"]),
-                                                 p.bundle.basis)
+        return lambda identity, ref: A.merge_all(
+            p.params, p.bundle.adapters, p.predict(ref, iterations=point["x"]), p.bundle.basis
+        )
     if config.sweep == "ood":
+
         def make(identity, _):
             ref = reference(identity, point["x"], res, config.data_seed)
             predicted = p.predict(ref)
@@ -115,6 +135,7 @@ def _maker(config, point: dict, p: Personalizer, workdir: Path) -> Callable[[int
                 return A.merge_all(p.params, p.bundle.adapters, predicted, p.bundle.basis)
             adapters, tree, _ = p.finetune_from(predicted, ref, jax.random.PRNGKey(identity))
             return A.merge_all(p.params, adapters, tree)
+
         return make
     # identities: a hypernetwork trained on the first N pre-optimised identities
     from hdb_jax.hypernet import train as hypernet_train
@@ -144,8 +165,9 @@ def plot(results: list[dict], metric: str, path: Path, title: str) -> list[str]:
 
     series: dict[str, list[dict]] = {}
     for r in results:
-        key = ", ".join(f"{k}={v}" for k, v in sorted(r["point"].items()) if k not in ("x", "series")) or r["point"].get(
-            "series", metric)
+        key = ", ".join(f"{k}={v}" for k, v in sorted(r["point"].items()) if k not in ("x", "series")) or r[
+            "point"
+        ].get("series", metric)
         if "series" in r["point"] and len(r["point"]) > 2:
             key = f"{r['point']['series']}, {key}"
         series.setdefault(key, []).append(r)
@@ -183,16 +205,31 @@ def run(config: ml_collections.ConfigDict) -> dict:
             path.write_text(json.dumps({"point": point, "x_label": config.x_label, **result}, indent=1))
             computed += 1
         results.append(json.loads(path.read_text()))
-    plots = {m: plot(results, m, workdir / f"{m}.png", f"{config.sweep}: {m.replace('_', ' ')}") for m in METRICS}
-    summary = {"sweep": config.sweep, "identities": [int(i) for i in config.eval.identities], "points": results,
-               "series": plots, "computed_now": computed}
+    plots = {
+        m: plot(results, m, workdir / f"{m}.png", f"{config.sweep}: {m.replace('_', ' ')}") for m in METRICS
+    }
+    summary = {
+        "sweep": config.sweep,
+        "identities": [int(i) for i in config.eval.identities],
+        "points": results,
+        "series": plots,
+        "computed_now": computed,
+    }
     (workdir / "sweep.json").write_text(json.dumps(summary, indent=1))
-    lines = [f"# Sweep `{config.sweep}`", "", f"{len(config.eval.identities)} held-out identities, prompts "
-             f"{list(config.eval.prompts)}, {config.eval.seeds} seeds each; 95% bootstrap intervals.", "",
-             "| point | identity | prompt fidelity | s / identity |", "|---|---|---|---|"]
+    lines = [
+        f"# Sweep `{config.sweep}`",
+        "",
+        f"{len(config.eval.identities)} held-out identities, prompts "
+        f"{list(config.eval.prompts)}, {config.eval.seeds} seeds each; 95% bootstrap intervals.",
+        "",
+        "| point | identity | prompt fidelity | s / identity |",
+        "|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {_name(r['point'])} | {stats.fmt(r['identity'])} | {stats.fmt(r['prompt_fidelity'])} | "
-                     f"{r['seconds_per_identity']:.1f} |")
+        lines.append(
+            f"| {_name(r['point'])} | {stats.fmt(r['identity'])} | {stats.fmt(r['prompt_fidelity'])} | "
+            f"{r['seconds_per_identity']:.1f} |"
+        )
     lines += ["", *(f"![{m}]({m}.png)" for m in METRICS), ""]
     (workdir / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))

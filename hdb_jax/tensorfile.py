@@ -89,7 +89,9 @@ def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}  # (ascontiguousarray makes 0-d 1-d)
+        arrays = {
+            k: np.asarray(v, order="C") for k, v in tensors.items()
+        }  # (ascontiguousarray makes 0-d 1-d)
         save_file(arrays, tmp, metadata={k: str(v) for k, v in metadata.items()})
         umask = os.umask(0)
         os.umask(umask)
@@ -101,14 +103,16 @@ def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: 
     return path
 
 
-def read_metadata(path: str | os.PathLike, *, format: str | None = None, error=TensorFileError,
-                  what: str = "file") -> dict[str, str]:
+def read_metadata(
+    path: str | os.PathLike, *, format: str | None = None, error=TensorFileError, what: str = "file"
+) -> dict[str, str]:
     """The file's string metadata only (no tensor is read); see :func:`read`."""
     return _open(path, format, error, tensors=False, what=what)[1]
 
 
-def read(path: str | os.PathLike, *, format: str | None = None, error=TensorFileError,
-         what: str = "file") -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read(
+    path: str | os.PathLike, *, format: str | None = None, error=TensorFileError, what: str = "file"
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Reads every tensor and the metadata of one of our files.
 
     Args:

@@ -40,7 +40,9 @@ def main(argv=None) -> None:
     from absl import app, flags, logging
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file("config", None, "configs/<exp>.py[:knobs]", lock_config=True)
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "configs/<exp>.py[:knobs]", lock_config=True
+    )
     flags.mark_flag_as_required("config")
 
     def _main(_):

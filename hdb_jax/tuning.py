@@ -121,5 +121,7 @@ def token_id(tokenizer, word: str) -> int:
     """The id of ``word`` as one token (ValueError if the tokenizer splits it)."""
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(f"'{word}' is {len(ids)} tokens for this tokenizer; Textual Inversion needs a single-token word")
+        raise ValueError(
+            f"'{word}' is {len(ids)} tokens for this tokenizer; Textual Inversion needs a single-token word"
+        )
     return int(ids[0])

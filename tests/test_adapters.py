@@ -98,7 +98,10 @@ def test_kron_delta_is_numpy_kron_in_flax_orientation():
     target = A.Target("layer", in_dim=24, out_dim=12)
     kind = A.Kron(a1=3, a2=4)
     rng = np.random.default_rng(0)
-    p = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal((4, 6)).astype(np.float32)}
+    p = {
+        "a": rng.standard_normal((3, 4)).astype(np.float32),
+        "b": rng.standard_normal((4, 6)).astype(np.float32),
+    }
     delta = np.asarray(kind.delta(p, {}, target))
     # Paper orientation: ΔW_torch [out, in] = A ⊗ B; the Flax kernel [in, out] is its transpose.
     np.testing.assert_allclose(delta, np.kron(p["a"], p["b"]).T, atol=1e-6)
@@ -150,7 +153,9 @@ def test_tampered_basis_file_is_refused(tmp_path):
 
 
 def test_bad_targets_name_the_pattern(tiny_sd, tiny_params, unet_inputs):
-    with pytest.raises(A.TargetError, match=re.escape(r"unet: target pattern '.*\.attn3\.to_q' matches no layer")):
+    with pytest.raises(
+        A.TargetError, match=re.escape(r"unet: target pattern '.*\.attn3\.to_q' matches no layer")
+    ):
         A.Adapter.create(A.LoRA(), tiny_params["unet"], [r".*\.attn3\.to_q"], "unet")
     with pytest.raises(A.TargetError, match="not a Dense or 1x1 convolution"):
         A.Adapter.create(A.LoRA(), tiny_params["unet"], [r"conv_in"], "unet")

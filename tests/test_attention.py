@@ -64,14 +64,20 @@ def results(tiny_sd, tiny_params, unet_inputs, lora):
             return next_fun(*args, **kwargs)
         return jax.lax.switch(index, [lambda b=b: b(next_fun, args, kwargs, context) for b in branches])
 
-    step = jax.jit(jax.value_and_grad(_unet_loss(sd, tiny_params["unet"], adapter, latents, timesteps, context, probe,
-                                                 switching), has_aux=True))
+    step = jax.jit(
+        jax.value_and_grad(
+            _unet_loss(sd, tiny_params["unet"], adapter, latents, timesteps, context, probe, switching),
+            has_aux=True,
+        )
+    )
     out = {impl: (o, g) for i, impl in enumerate(impls) for (_, o), g in [step(trained, i)]}
     with jax.enable_x64(True):
         f64 = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), tree)  # noqa: E731
         sd64 = dataclasses.replace(tiny_lib.tiny(dtype=jnp.float64), attention="diffusers")
         plain = lambda index, next_fun, args, kwargs, context: next_fun(*args, **kwargs)  # noqa: E731
-        loss64 = _unet_loss(sd64, f64(tiny_params["unet"]), adapter, *f64((latents, timesteps, context, probe)), plain)
+        loss64 = _unet_loss(
+            sd64, f64(tiny_params["unet"]), adapter, *f64((latents, timesteps, context, probe)), plain
+        )
         (_, o64), g64 = jax.jit(jax.value_and_grad(loss64, has_aux=True))(f64(trained), 0)
         out["float64"] = jax.tree_util.tree_map(np.asarray, (o64, g64))
     return out
@@ -139,7 +145,9 @@ def test_kernels_match_dense_softmax_attention(length, keys, chunk):
         out, vjp = jax.vjp(fn, q, k, v)
         return (out,) + vjp(d_out.astype(out.dtype))
 
-    results = jax.jit(lambda q, k, v: {name: outputs_and_grads(fn, q, k, v) for name, fn in kernels.items()})(q, k, v)
+    results = jax.jit(lambda q, k, v: {name: outputs_and_grads(fn, q, k, v) for name, fn in kernels.items()})(
+        q, k, v
+    )
     with jax.enable_x64(True):
         f64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v)]
         truth = [np.asarray(x) for x in jax.jit(lambda *a: outputs_and_grads(kernels["dense"], *a))(*f64)]

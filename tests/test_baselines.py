@@ -9,7 +9,9 @@ from conftest import load_config
 
 from hdb_jax import build, subject, tuning
 
-needs_torch = pytest.mark.skipif(__import__("importlib").util.find_spec("torch") is None, reason="needs torch")
+needs_torch = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("torch") is None, reason="needs torch"
+)
 
 
 def _config(tmp_path, arg, steps=3, **data):
@@ -40,8 +42,10 @@ def test_textual_inversion_changes_one_row_and_loads_in_diffusers(base, tiny_mod
     t = result["tuning"]
     assert isinstance(t, tuning.TextualInversionTuning) and result["num_params"] == sd.text_width
     merged = t.merged(params, jax.device_get(result["state"]["trainable"]), {})
-    table, before = (np.asarray(p["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"])
-                     for p in (merged, params))
+    table, before = (
+        np.asarray(p["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"])
+        for p in (merged, params)
+    )
     changed = np.flatnonzero(np.abs(table - before).max(axis=1) > 0)
     assert changed.tolist() == [t.token_id]  # the token's row, and only it
     for path, leaf in jax.tree_util.tree_flatten_with_path(merged)[0]:
@@ -75,9 +79,13 @@ def test_dreambooth_generates_class_images_once_and_trains_the_unet(base, tmp_pa
     second = subject.train(config, sd, params)
     assert second["loop"].start == 2 and [f.stat().st_mtime_ns for f in files] == stamps
     trained = jax.device_get(second["state"]["trainable"])
-    assert set(trained) == {"unet"} and second["num_params"] == sum(x.size for x in jax.tree_util.tree_leaves(params["unet"]))
-    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(trained["unet"]),
-                                                           jax.tree_util.tree_leaves(params["unet"])))
+    assert set(trained) == {"unet"} and second["num_params"] == sum(
+        x.size for x in jax.tree_util.tree_leaves(params["unet"])
+    )
+    moved = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(jax.tree_util.tree_leaves(trained["unet"]), jax.tree_util.tree_leaves(params["unet"]))
+    )
     assert moved > 0
     # Another prompt invalidates the cache.
     config.data.class_prompt = "a cartoon of a face"

@@ -9,8 +9,14 @@ from hdb_jax import config_lib
 
 
 def test_knobs_cast_to_their_defaults_types():
-    k = config_lib.knobs("sd15,steps=20,lr=3e-4,reduced,name=x", size=("tiny", "sd15"), steps=10, lr=1e-3,
-                         reduced=False, name="a")
+    k = config_lib.knobs(
+        "sd15,steps=20,lr=3e-4,reduced,name=x",
+        size=("tiny", "sd15"),
+        steps=10,
+        lr=1e-3,
+        reduced=False,
+        name="a",
+    )
     assert (k.size, k.steps, k.lr, k.reduced, k.name) == ("sd15", 20, 3e-4, True, "x")
     assert isinstance(k.steps, int) and isinstance(k.lr, float)
     defaults = config_lib.knobs(None, size=("tiny", "sd15"), steps=10, reduced=False)
@@ -18,14 +24,17 @@ def test_knobs_cast_to_their_defaults_types():
     assert config_lib.knobs("reduced=false", reduced=True).reduced is False
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("steps=ten", r"knob steps='ten': expected int"),
-    ("size=huge", r"knob size='huge': choose from \['tiny', 'sd15'\]"),
-    ("stepz=1", r"unknown config knobs \['stepz=1'\]"),
-    ("steps", r"knob 'steps' needs a value"),
-    ("steps=1,steps=2", r"knob 'steps' given twice"),
-    ("reduced=maybe", r"knob reduced='maybe': expected a boolean"),
-])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("steps=ten", r"knob steps='ten': expected int"),
+        ("size=huge", r"knob size='huge': choose from \['tiny', 'sd15'\]"),
+        ("stepz=1", r"unknown config knobs \['stepz=1'\]"),
+        ("steps", r"knob 'steps' needs a value"),
+        ("steps=1,steps=2", r"knob 'steps' given twice"),
+        ("reduced=maybe", r"knob reduced='maybe': expected a boolean"),
+    ],
+)
 def test_bad_knobs_are_named(arg, message):
     with pytest.raises(ValueError, match=message):
         config_lib.knobs(arg, size=("tiny", "sd15"), steps=10, reduced=False)
@@ -43,6 +52,8 @@ def test_every_config_loads_without_sys_path_edits():
 
 def test_stage_configs_share_sections():
     preopt, hypernet, subject = load_config("preopt"), load_config("hypernet"), load_config("subject")
-    assert preopt.adapter.to_dict() == hypernet.adapter.to_dict() == subject.adapter.to_dict()  # same LiDB layout
+    assert (
+        preopt.adapter.to_dict() == hypernet.adapter.to_dict() == subject.adapter.to_dict()
+    )  # same LiDB layout
     assert preopt.model.to_dict() == hypernet.model.to_dict() == {"source": "tiny", "resolution": 32}
     assert "instance" not in hypernet.data and "export" not in preopt  # composed, not copied and deleted

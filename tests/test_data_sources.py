@@ -4,6 +4,7 @@ Every file is made by the tests in a temporary folder; the TFDS datasets are pre
 offline from fake manual directories. The TFDS tests are skipped without the ``tfds``
 extra.
 """
+
 import io
 import os
 import subprocess
@@ -19,10 +20,25 @@ from hdb_jax.data import folder
 from hdb_jax.data.folder import BadImageError, BadImagesWarning, ImageFolder, NoImagesError
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
-GOOD = ["Upper.JPEG", "a_photo.jpg", "b_portrait.png", "c_square.webp", "d_bitmap.bmp",
-        "e_exif.jpg", "f_cmyk.jpg", "g_gray16.png", "h_rgba.png", "i_palette.png"]
-BAD = {"notes.txt": "unsupported extension", "random.png": "corrupt",
-       "text.jpg": "not an image", "tiny.png": "too small", "truncated.jpg": "truncated"}
+GOOD = [
+    "Upper.JPEG",
+    "a_photo.jpg",
+    "b_portrait.png",
+    "c_square.webp",
+    "d_bitmap.bmp",
+    "e_exif.jpg",
+    "f_cmyk.jpg",
+    "g_gray16.png",
+    "h_rgba.png",
+    "i_palette.png",
+]
+BAD = {
+    "notes.txt": "unsupported extension",
+    "random.png": "corrupt",
+    "text.jpg": "not an image",
+    "tiny.png": "too small",
+    "truncated.jpg": "truncated",
+}
 
 
 def _halves(w, h, left, right, mode="RGB"):
@@ -62,7 +78,7 @@ def _fill_subject_folder(d):
     pal.save(d / "i_palette.png", transparency=0)  # index 0 (left) transparent
     Image.new("RGB", (1, 1), RED).save(d / "tiny.png")
     whole = _jpeg_bytes(_noise(128, 128, 5))
-    (d / "truncated.jpg").write_bytes(whole[:len(whole) // 2])
+    (d / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     (d / "random.png").write_bytes(b"\0\xff" + np.random.default_rng(6).bytes(2000))
     (d / "text.jpg").write_text("these are not the pixels you are looking for\n")
     (d / "notes.txt").write_text("subject: sks\n")
@@ -137,7 +153,7 @@ def test_colour_layouts_become_rgb8(subject):
     assert np.abs(cmyk - (200, 60, 30)).max() <= 6
     gray = _by_name(source, "g_gray16.png").astype(int)
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
-    assert (gray[:, :12] == 255).all()          # 65535 -> 255, not clipped
+    assert (gray[:, :12] == 255).all()  # 65535 -> 255, not clipped
     assert (np.abs(gray[:, 20:] - 128) <= 1).all()  # 32768 -> ~128
     rgba = _by_name(source, "h_rgba.png").astype(int)
     assert (rgba[:, :12] == WHITE).all() and (rgba[:, 20:] == GREEN).all()
@@ -145,12 +161,15 @@ def test_colour_layouts_become_rgb8(subject):
     assert (pal[:, :12] == WHITE).all() and (pal[:, 20:] == BLUE).all()
 
 
-@pytest.mark.parametrize("mode,values,expected", [
-    ("I", [[0, 255]], [0, 255]),                 # 8-bit range kept
-    ("I", [[0, 65535]], [0, 255]),               # 16-bit range scaled
-    ("F", [[0.0, 1.0]], [0, 255]),               # unit floats scaled
-    ("L", [[0, 200]], [0, 200]),
-])
+@pytest.mark.parametrize(
+    "mode,values,expected",
+    [
+        ("I", [[0, 255]], [0, 255]),  # 8-bit range kept
+        ("I", [[0, 65535]], [0, 255]),  # 16-bit range scaled
+        ("F", [[0.0, 1.0]], [0, 255]),  # unit floats scaled
+        ("L", [[0, 200]], [0, 200]),
+    ],
+)
 def test_to_rgb8_grayscale_modes(mode, values, expected):
     dtype = {"I": np.int32, "F": np.float32, "L": np.uint8}[mode]
     img = Image.fromarray(np.array(values, dtype), mode)
@@ -161,8 +180,9 @@ def test_to_rgb8_grayscale_modes(mode, values, expected):
     assert np.asarray(folder.to_rgb8(la)).tolist() == [[list(WHITE)] * 2]
 
 
-@pytest.mark.parametrize("size,resolution", [((100, 50), 50), ((101, 50), 50), ((200, 100), 50),
-                                             ((50, 100), 50), ((100, 200), 40)])
+@pytest.mark.parametrize(
+    "size,resolution", [((100, 50), 50), ((101, 50), 50), ((200, 100), 50), ((50, 100), 50), ((100, 200), 40)]
+)
 def test_center_crop(tmp_path, size, resolution):
     """Three bands along the long side, the middle one exactly the centre square: all green."""
     w, h = size
@@ -170,8 +190,8 @@ def test_center_crop(tmp_path, size, resolution):
     bands = np.zeros((long, side, 3), np.uint8)  # along axis 0 first
     start = (long - side) // 2
     bands[:start] = RED
-    bands[start:start + side] = GREEN
-    bands[start + side:] = BLUE
+    bands[start : start + side] = GREEN
+    bands[start + side :] = BLUE
     arr = bands if h >= w else bands.transpose(1, 0, 2)
     path = tmp_path / "bands.png"
     Image.fromarray(np.ascontiguousarray(arr)).save(path)
@@ -187,8 +207,7 @@ def test_load_image_errors(subject_dir, tmp_path):
     with pytest.raises(BadImageError) as e:
         folder.load_image(str(subject_dir / "tiny.png"), 32)
     assert e.value.reason == folder.TOO_SMALL
-    assert folder.load_image(str(subject_dir / "tiny.png"), 4, min_size=1).tolist() == [[
-        list(RED)] * 4] * 4
+    assert folder.load_image(str(subject_dir / "tiny.png"), 4, min_size=1).tolist() == [[list(RED)] * 4] * 4
     with pytest.raises(FileNotFoundError):
         folder.load_image(str(tmp_path / "missing.png"), 32)
 
@@ -244,7 +263,7 @@ def test_small_subject_set_cycles_and_repeats(tmp_path):
     stream = source.batches(4, seed=0, repeat=True)
     order = np.concatenate([next(stream)["index"] for _ in range(3)])  # 12 = 4 epochs of 3
     for e in range(4):
-        assert sorted(order[3 * e:3 * e + 3].tolist()) == [0, 1, 2]
+        assert sorted(order[3 * e : 3 * e + 3].tolist()) == [0, 1, 2]
 
 
 def test_recursive(subject_dir):
@@ -278,9 +297,11 @@ def test_missing_folder(tmp_path):
 
 # --- TFDS -----------------------------------------------------------------------------
 def test_importing_hdb_jax_does_not_import_tensorflow():
-    code = ("import sys, hdb_jax, hdb_jax.data.folder, hdb_jax.data.tfds_source\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', "
-            "'tensorflow_datasets')]\nassert not bad, bad\n")
+    code = (
+        "import sys, hdb_jax, hdb_jax.data.folder, hdb_jax.data.tfds_source\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', "
+        "'tensorflow_datasets')]\nassert not bad, bad\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -289,8 +310,9 @@ def test_tfds_missing_gives_pip_hint(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     with pytest.raises(ImportError, match=r"pip install hdb_jax\[tfds\]"):
-        tfds_source.tfds_images("celeb_a_hq/8", "train", data_dir="unused", resolution=8,
-                                batch_size=2, seed=0)
+        tfds_source.tfds_images(
+            "celeb_a_hq/8", "train", data_dir="unused", resolution=8, batch_size=2, seed=0
+        )
 
 
 def test_celeba_hq_builder_name():
@@ -327,16 +349,19 @@ def test_tfds_celeba_hq_from_manual_tar(tfds_mod, tmp_path):
             info.size = len(buf.getvalue())
             tar.addfile(info, io.BytesIO(buf.getvalue()))
     kw = dict(data_dir=str(tmp_path / "data"), manual_dir=str(manual), batch_size=2, seed=0)
-    batches = list(tfds_images(celeba_hq_builder_name(8), "train", resolution=4,
-                               drop_remainder=False, **kw))
+    batches = list(tfds_images(celeba_hq_builder_name(8), "train", resolution=4, drop_remainder=False, **kw))
     assert [b["image"].shape for b in batches] == [(2, 4, 4, 3), (2, 4, 4, 3), (1, 4, 4, 3)]
     images = np.concatenate([b["image"] for b in batches])
     assert images.dtype == np.float32 and "label" not in batches[0]
     got = sorted(tuple(np.rint((img[0, 0] + 1) * 127.5).astype(int)) for img in images)
     assert got == sorted(COLORS)
     assert np.ptp(images, axis=(1, 2)).max() < 1e-5  # solid colours stay solid
-    again = np.concatenate([b["image"] for b in tfds_images(
-        celeba_hq_builder_name(8), "train", resolution=4, drop_remainder=False, **kw)])
+    again = np.concatenate(
+        [
+            b["image"]
+            for b in tfds_images(celeba_hq_builder_name(8), "train", resolution=4, drop_remainder=False, **kw)
+        ]
+    )
     np.testing.assert_array_equal(images, again)  # prepared once, same order for a seed
 
 
@@ -347,13 +372,20 @@ def test_tfds_local_builder_with_labels(tfds_mod, tmp_path):
 
     class HdbTestShapes(tfds.core.GeneratorBasedBuilder):
         """Images of three colours (label = colour) of various sizes, from manual_dir."""
+
         VERSION = tfds.core.Version("1.0.0")
         MANUAL_DOWNLOAD_INSTRUCTIONS = "Put <label>/<name>.png files in manual_dir."
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "label": tfds.features.ClassLabel(num_classes=3)}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(None, None, 3)),
+                        "label": tfds.features.ClassLabel(num_classes=3),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples(dl_manager.manual_dir)}
@@ -361,8 +393,7 @@ def test_tfds_local_builder_with_labels(tfds_mod, tmp_path):
         def _generate_examples(self, root):
             for label in sorted(os.listdir(root)):
                 for name in sorted(os.listdir(os.path.join(root, label))):
-                    yield f"{label}/{name}", {"image": os.path.join(root, label, name),
-                                              "label": int(label)}
+                    yield f"{label}/{name}", {"image": os.path.join(root, label, name), "label": int(label)}
 
     manual = tmp_path / "manual"
     sizes = [(12, 8), (8, 12), (10, 10), (16, 9)]
@@ -371,11 +402,19 @@ def test_tfds_local_builder_with_labels(tfds_mod, tmp_path):
         for j, size in enumerate(sizes):
             img = Image.new("RGB", size, WHITE)  # margins outside the centre square: white
             side = min(size)
-            img.paste(COLORS[label], ((size[0] - side) // 2, (size[1] - side) // 2,
-                                      (size[0] + side) // 2, (size[1] + side) // 2))
+            img.paste(
+                COLORS[label],
+                ((size[0] - side) // 2, (size[1] - side) // 2, (size[0] + side) // 2, (size[1] + side) // 2),
+            )
             img.save(manual / str(label) / f"{j}.png")
-    kw = dict(data_dir=str(tmp_path / "data"), manual_dir=str(manual), resolution=6,
-              label_key="label", batch_size=4, seed=1)
+    kw = dict(
+        data_dir=str(tmp_path / "data"),
+        manual_dir=str(manual),
+        resolution=6,
+        label_key="label",
+        batch_size=4,
+        seed=1,
+    )
     batches = list(tfds_images("hdb_test_shapes", "train", **kw))
     assert len(batches) == 3
     labels = np.concatenate([b["label"] for b in batches])
@@ -383,8 +422,9 @@ def test_tfds_local_builder_with_labels(tfds_mod, tmp_path):
     for b in batches:
         assert b["image"].shape == (4, 6, 6, 3) and b["image"].dtype == np.float32
         for img, label in zip(b["image"], b["label"], strict=True):
-            np.testing.assert_allclose(img, np.broadcast_to(
-                np.array(COLORS[label]) / 127.5 - 1, img.shape), atol=1e-5)
+            np.testing.assert_allclose(
+                img, np.broadcast_to(np.array(COLORS[label]) / 127.5 - 1, img.shape), atol=1e-5
+            )
     again = np.concatenate([b["label"] for b in tfds_images("hdb_test_shapes", "train", **kw)])
     assert again.tolist() == labels.tolist()
     with pytest.raises(KeyError, match="no feature"):

@@ -16,8 +16,12 @@ def evaluator():
 
 
 def _renders(ids, index=0, style="photo", **kw):
-    return np.stack([synthetic.render_face(synthetic.identity(i), synthetic.variation(i, index, style=style, **kw), 32)
-                     for i in ids])
+    return np.stack(
+        [
+            synthetic.render_face(synthetic.identity(i), synthetic.variation(i, index, style=style, **kw), 32)
+            for i in ids
+        ]
+    )
 
 
 def test_bootstrap_interval_matches_a_known_distribution():
@@ -64,9 +68,13 @@ def test_identity_subject_and_prompt_fidelity_hand_made_cases(evaluator):
     assert np.all(evaluator.subject_fidelity(refs, refs) == 1.0)  # identical images agree on every attribute
     # Swapped attributes: another identity that differs in hair colour and skin agrees on fewer.
     ref = synthetic.identity(5_100_000)
-    other = next(i for i in range(5_200_000, 5_300_000)
-                 if synthetic.identity(i).hair_color != ref.hair_color and synthetic.identity(i).hat == ref.hat
-                 and abs(np.mean(synthetic.identity(i).skin) - np.mean(ref.skin)) > 0.25)
+    other = next(
+        i
+        for i in range(5_200_000, 5_300_000)
+        if synthetic.identity(i).hair_color != ref.hair_color
+        and synthetic.identity(i).hat == ref.hat
+        and abs(np.mean(synthetic.identity(i).skin) - np.mean(ref.skin)) > 0.25
+    )
     swapped = evaluator.subject_fidelity(_renders([other]), refs[0])
     assert swapped[0] <= 1 - 2 / len(evaluator.subject_labels) + 1e-9
     # Prompt fidelity: a red-background cartoon render shows what "a cartoon ... on a red background" asks.
@@ -78,13 +86,17 @@ def test_identity_subject_and_prompt_fidelity_hand_made_cases(evaluator):
 
 
 def test_flat_colours_are_not_faces_and_renders_are(evaluator):
-    flat = np.broadcast_to(np.random.default_rng(2).integers(0, 256, (16, 1, 1, 3)), (16, 32, 32, 3)).astype(np.uint8)
+    flat = np.broadcast_to(np.random.default_rng(2).integers(0, 256, (16, 1, 1, 3)), (16, 32, 32, 3)).astype(
+        np.uint8
+    )
     assert not evaluator.face(flat).any()
     renders = toy.real_renders(32, start=6_900_000)
     assert evaluator.face(renders).all()
     realism = evaluator.realism(renders, toy.real_renders(128, start=6_800_000))
     assert realism["precision"] > 0.8 and realism["non_face_fraction"] == 0.0
-    assert evaluator.realism(flat, toy.real_renders(128, start=6_800_000))["precision"] <= 0.25  # measured 0.125
+    assert (
+        evaluator.realism(flat, toy.real_renders(128, start=6_800_000))["precision"] <= 0.25
+    )  # measured 0.125
 
 
 def test_heldout_loss_refuses_uint8_and_the_toy_recipe_normalises(tiny_sd, tiny_params):
@@ -97,21 +109,40 @@ def test_heldout_loss_refuses_uint8_and_the_toy_recipe_normalises(tiny_sd, tiny_
     assert pixels.dtype == np.float32 and -1.0 <= pixels.min() < 0 < pixels.max() <= 1.0
     sched = tiny_sd.noise_scheduler.create_state()
     with pytest.raises(TypeError, match="float in \\[-1, 1\\]"):
-        diffusion.fixed_draw_loss(tiny_sd, sched, tiny_params, jnp.asarray((pixels + 1) * 127.5).astype(jnp.uint8),
-                                  jnp.asarray(ids), jax.random.PRNGKey(0), draws=2)
-    loss = diffusion.make_heldout_loss(tiny_sd, 2)(tiny_params, jnp.asarray(pixels), jnp.asarray(ids), jax.random.PRNGKey(0))
+        diffusion.fixed_draw_loss(
+            tiny_sd,
+            sched,
+            tiny_params,
+            jnp.asarray((pixels + 1) * 127.5).astype(jnp.uint8),
+            jnp.asarray(ids),
+            jax.random.PRNGKey(0),
+            draws=2,
+        )
+    loss = diffusion.make_heldout_loss(tiny_sd, 2)(
+        tiny_params, jnp.asarray(pixels), jnp.asarray(ids), jax.random.PRNGKey(0)
+    )
     assert 0.2 < float(loss) < 5.0  # the scale of a denoising loss, not of 0-255 pixels
 
 
 def test_report_rows_have_the_layout_other_tools_read():
     rng = np.random.default_rng(3)
-    per_id = {i: {"identity": rng.uniform(0, 1, (4, 2)), "subject_fidelity": rng.uniform(0, 1, (4, 2)),
-                  "prompt_fidelity": np.where(np.arange(4)[:, None] == 0, np.nan, 1.0) * np.ones((4, 2)),
-                  "prior_realism": rng.integers(0, 2, 4).astype(float), "steps": 40, "seconds": 2.0, "bytes": 100}
-              for i in range(3)}
+    per_id = {
+        i: {
+            "identity": rng.uniform(0, 1, (4, 2)),
+            "subject_fidelity": rng.uniform(0, 1, (4, 2)),
+            "prompt_fidelity": np.where(np.arange(4)[:, None] == 0, np.nan, 1.0) * np.ones((4, 2)),
+            "prior_realism": rng.integers(0, 2, 4).astype(float),
+            "steps": 40,
+            "seconds": 2.0,
+            "bytes": 100,
+        }
+        for i in range(3)
+    }
     row = report.summarise("hypernet", per_id, replicates=100)
     assert set(row) == {"row", *report.METRICS, "steps", "seconds_per_identity", "bytes", "identities"}
-    assert row["prompt_fidelity"]["mean"] == 1.0 and row["prompt_fidelity"]["n"] == 18  # prompt 0 asks nothing
+    assert (
+        row["prompt_fidelity"]["mean"] == 1.0 and row["prompt_fidelity"]["n"] == 18
+    )  # prompt 0 asks nothing
     assert row["identities"] == 3 and len(row["identity"]["ci95"]) == 2
     table = report.markdown([row])
     assert table.splitlines()[2].startswith("| hypernet | ")

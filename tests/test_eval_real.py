@@ -26,8 +26,13 @@ MODEL_TOL = 1e-4  # float32 Flax vs float32 PyTorch, same inputs
 # round the same way in float32, so a pixel whose value sits on a rounding boundary may land one 8-bit
 # level away. One level is 1/255/std in normalised units: at most 1/255/0.224 ~= 0.0175.
 PIXEL_TOL = 1.0 / 255.0 / min(real.IMAGENET_STD) + 1e-5
-PROMPTS = ["a sks face wearing a hat", "a photo of sks face", "a painting of sks face, smiling",
-           "a sks face in the forest", "a sks face with glasses"]
+PROMPTS = [
+    "a sks face wearing a hat",
+    "a photo of sks face",
+    "a painting of sks face, smiling",
+    "a sks face in the forest",
+    "a sks face with glasses",
+]
 COMMON = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
@@ -46,11 +51,16 @@ def clip_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_clip")
     tokenizer = vocab.tiny_tokenizer()
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     config = CLIPConfig(
         text_config={"vocab_size": len(tokenizer), "max_position_embeddings": 77, **ids, **COMMON},
-        vision_config={"image_size": 32, "patch_size": 8, **COMMON}, projection_dim=16)
+        vision_config={"image_size": 32, "patch_size": 8, **COMMON},
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     model = CLIPModel(config).eval()
     model.save_pretrained(root, safe_serialization=True)
@@ -69,8 +79,12 @@ def dino_dir(tmp_path_factory):
     torch.manual_seed(1)
     model = ViTModel(ViTConfig(image_size=32, patch_size=8, **COMMON), add_pooling_layer=False).eval()
     model.save_pretrained(root, safe_serialization=True)
-    processor = ViTImageProcessor(size={"height": 32, "width": 32}, resample=3,
-                                  image_mean=list(real.IMAGENET_MEAN), image_std=list(real.IMAGENET_STD))
+    processor = ViTImageProcessor(
+        size={"height": 32, "width": 32},
+        resample=3,
+        image_mean=list(real.IMAGENET_MEAN),
+        image_std=list(real.IMAGENET_STD),
+    )
     processor.save_pretrained(root)
     return root, model
 
@@ -135,8 +149,12 @@ def test_vit_and_dino_preprocessing_match_processors(dino_dir, dino, shape):
     # is CLIP's processor pipeline with those settings.
     protocol = real.Preprocessing.dino_protocol(32)
     assert protocol.shortest_edge == 37 and real.Preprocessing.dino_protocol().shortest_edge == 256
-    reference = CLIPImageProcessor(size={"shortest_edge": 37}, crop_size={"height": 32, "width": 32},
-                                   image_mean=list(real.IMAGENET_MEAN), image_std=list(real.IMAGENET_STD))
+    reference = CLIPImageProcessor(
+        size={"shortest_edge": 37},
+        crop_size={"height": 32, "width": 32},
+        image_mean=list(real.IMAGENET_MEAN),
+        image_std=list(real.IMAGENET_STD),
+    )
     expected = _processed(reference, batch)
     assert np.abs(np.asarray(protocol(batch)) - expected).max() <= PIXEL_TOL
 
@@ -146,17 +164,30 @@ def test_reads_processor_configs():
     from transformers.image_transforms import get_resize_output_image_size
 
     # The layout of openai/clip-vit-base-patch32's file (an integer size is CLIP's shortest edge).
-    hub_clip = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-                "image_mean": list(real.CLIP_MEAN), "image_std": list(real.CLIP_STD), "resample": 3,
-                "size": 224}
+    hub_clip = {
+        "crop_size": 224,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "image_mean": list(real.CLIP_MEAN),
+        "image_std": list(real.CLIP_STD),
+        "resample": 3,
+        "size": 224,
+    }
     clip_convention = {"int_size_is_shortest_edge": True, "crops_by_default": True}
     fallback = real.Preprocessing.clip_default(32)
     expected = real.Preprocessing.clip_default(224)
     for config in (hub_clip, CLIPImageProcessor().to_dict()):
         assert real.Preprocessing.from_config(config, fallback, **clip_convention) == expected
     # A ViTFeatureExtractor-style file: an integer size is a square resize, and there is no crop.
-    hub_vit = {"do_normalize": True, "do_resize": True, "image_mean": list(real.IMAGENET_MEAN),
-               "image_std": list(real.IMAGENET_STD), "resample": 2, "size": 224}
+    hub_vit = {
+        "do_normalize": True,
+        "do_resize": True,
+        "image_mean": list(real.IMAGENET_MEAN),
+        "image_std": list(real.IMAGENET_STD),
+        "resample": 2,
+        "size": 224,
+    }
     vit_convention = {"int_size_is_shortest_edge": False, "crops_by_default": False}
     vit = real.Preprocessing.from_config(hub_vit, real.Preprocessing.dino_protocol(), **vit_convention)
     assert (vit.size, vit.shortest_edge, vit.crop, vit.method) == ((224, 224), None, None, "linear")
@@ -246,8 +277,10 @@ def test_clip_matches_pytorch(clip_dir, clip, images):
 def test_dino_matches_pytorch(dino_dir, dino, images):
     generated, references = images
     with torch.no_grad():
-        gen_pt, ref_pt = (dino_dir[1](pixel_values=torch.from_numpy(_pixels(dino, x)))
-                          .last_hidden_state[:, 0] for x in (generated, references))
+        gen_pt, ref_pt = (
+            dino_dir[1](pixel_values=torch.from_numpy(_pixels(dino, x))).last_hidden_state[:, 0]
+            for x in (generated, references)
+        )
     ours = dino.embeddings(generated)
     assert ours.shape == (5, 32)
     np.testing.assert_allclose(ours, gen_pt.numpy(), rtol=0, atol=MODEL_TOL)
@@ -278,16 +311,19 @@ def test_clip_t_scores_the_rewritten_prompt(clip, images):
     np.testing.assert_allclose(as_person, expected, atol=1e-9)
 
 
-@pytest.mark.parametrize("prompt, token, replacement, expected", [
-    ("a sks face wearing a hat", "sks", "", "a face wearing a hat"),
-    ("sks face, smiling", "sks", "", "face, smiling"),
-    ("a photo of sks, smiling", "sks", "", "a photo of, smiling"),
-    ("a photo of sks", "sks", "person", "a photo of person"),
-    ("sks and sks", "sks", "a man", "a man and a man"),
-    ("a sksy face by tasks", "sks", "", "a sksy face by tasks"),  # whole words only
-    ("a v* face", "v*", "", "a face"),  # tokens are literal text
-    ("a sks face", "sks face", "person", "a person"),
-])
+@pytest.mark.parametrize(
+    "prompt, token, replacement, expected",
+    [
+        ("a sks face wearing a hat", "sks", "", "a face wearing a hat"),
+        ("sks face, smiling", "sks", "", "face, smiling"),
+        ("a photo of sks, smiling", "sks", "", "a photo of, smiling"),
+        ("a photo of sks", "sks", "person", "a photo of person"),
+        ("sks and sks", "sks", "a man", "a man and a man"),
+        ("a sksy face by tasks", "sks", "", "a sksy face by tasks"),  # whole words only
+        ("a v* face", "v*", "", "a face"),  # tokens are literal text
+        ("a sks face", "sks face", "person", "a person"),
+    ],
+)
 def test_replace_token(prompt, token, replacement, expected):
     assert real.replace_token(prompt, token, replacement) == expected
 

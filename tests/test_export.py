@@ -34,8 +34,10 @@ def _random_trainable(adapters, seed, std=0.1):
     """Random non-zero factors (numpy: no per-shape compiles of eager JAX ops)."""
     rng = np.random.default_rng(seed)
     normal = lambda s: (std * rng.standard_normal(s.shape)).astype(np.float32)  # noqa: E731
-    return {c: jax.tree_util.tree_map(normal, jax.eval_shape(a.init, jax.random.PRNGKey(0)))
-            for c, a in adapters.items()}
+    return {
+        c: jax.tree_util.tree_map(normal, jax.eval_shape(a.init, jax.random.PRNGKey(0)))
+        for c, a in adapters.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +52,28 @@ def personal(tiny_abstract):
     """LiDB on the UNet attention and LoRA on the text encoder, with random factors."""
     adapters = {
         "unet": _adapter(A.LiDB(a=16, b=8, rank=2), tiny_abstract, "unet", "unet_attention"),
-        "text_encoder": _adapter(A.LoRA(rank=3, alpha=6.0), tiny_abstract, "text_encoder",
-                                 "text_attention", "text_mlp"),
+        "text_encoder": _adapter(
+            A.LoRA(rank=3, alpha=6.0), tiny_abstract, "text_encoder", "text_attention", "text_mlp"
+        ),
     }
     # The format only records the bases' hash; random stand-ins of the right shapes suffice.
     rng, lidb = np.random.default_rng(2), adapters["unet"].kind
-    bases = {t.path: {"a_aux": rng.standard_normal((t.in_dim, lidb.a)).astype(np.float32),
-                      "b_aux": rng.standard_normal((lidb.b, t.out_dim)).astype(np.float32)}
-             for t in adapters["unet"].targets}
+    bases = {
+        t.path: {
+            "a_aux": rng.standard_normal((t.in_dim, lidb.a)).astype(np.float32),
+            "b_aux": rng.standard_normal((lidb.b, t.out_dim)).astype(np.float32),
+        }
+        for t in adapters["unet"].targets
+    }
     base = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, s.dtype), tiny_abstract)
     return adapters, _random_trainable(adapters, 1), B.basis_hash(bases), params_fingerprint(base)
 
 
 def _save(personal, path, **kwargs):
     adapters, trainable, basis_hash, fingerprint = personal
-    return P.save_personal(path, adapters, trainable, base_fingerprint=fingerprint, basis_hash=basis_hash,
-                           **kwargs)
+    return P.save_personal(
+        path, adapters, trainable, base_fingerprint=fingerprint, basis_hash=basis_hash, **kwargs
+    )
 
 
 # -------------------------------------------------------------------- personal weights
@@ -122,7 +130,9 @@ def test_lora_layout_depends_on_layer_widths(tiny_abstract, tmp_path):
     for adapter, layout in ((equal, "stacked"), (mixed, "per_layer")):
         adapters = {"text_encoder": adapter}
         trainable = _random_trainable(adapters, 8)
-        path = P.save_personal(tmp_path / f"{layout}.safetensors", adapters, trainable, base_fingerprint="f" * 16)
+        path = P.save_personal(
+            tmp_path / f"{layout}.safetensors", adapters, trainable, base_fingerprint="f" * 16
+        )
         loaded = P.load_personal(path, base_fingerprint="f" * 16)
         assert loaded.metadata["layout"] == {"text_encoder": layout} and loaded.adapters == adapters
         _assert_same_factors(loaded.trainable, trainable)
@@ -133,13 +143,24 @@ def test_lora_layout_depends_on_layer_widths(tiny_abstract, tmp_path):
 def test_version_1_files_still_load(personal, tmp_path):
     """A file as the version 1 writer made it: one tensor per layer, plain-JSON target list."""
     adapters, trainable, basis_hash, fingerprint = personal
-    tensors = {f"{c}/{m}/{f}": np.asarray(x) for c, tree in trainable.items()
-               for m, layer in tree.items() for f, x in layer.items()}
+    tensors = {
+        f"{c}/{m}/{f}": np.asarray(x)
+        for c, tree in trainable.items()
+        for m, layer in tree.items()
+        for f, x in layer.items()
+    }
     kinds = {c: {"kind": a.kind.name, "hparams": dataclasses.asdict(a.kind)} for c, a in adapters.items()}
     targets = {c: [[t.path, t.in_dim, t.out_dim, t.conv] for t in a.targets] for c, a in adapters.items()}
-    metadata = {"format": "hdb_jax.personal", "format_version": "1", "dtype": "float32",
-                "content_hash": tensorfile.content_hash(tensors), "base_fingerprint": fingerprint,
-                "basis_hash": basis_hash, "adapters": json.dumps(kinds), "targets": json.dumps(targets)}
+    metadata = {
+        "format": "hdb_jax.personal",
+        "format_version": "1",
+        "dtype": "float32",
+        "content_hash": tensorfile.content_hash(tensors),
+        "base_fingerprint": fingerprint,
+        "basis_hash": basis_hash,
+        "adapters": json.dumps(kinds),
+        "targets": json.dumps(targets),
+    }
     save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=metadata)
     loaded = P.load_personal(tmp_path / "v1.safetensors", base_fingerprint=fingerprint, basis_hash=basis_hash)
     assert loaded.adapters == adapters and loaded.metadata["format_version"] == 1
@@ -174,18 +195,25 @@ def test_personal_refuses_another_base_model_or_basis(personal, tmp_path):
     path = _save(personal, tmp_path / "me.safetensors")
     other = "0123456789abcdef"
     where = re.escape(str(path))
-    with pytest.raises(P.IncompatibleWeightsError, match=rf"{where}: made for another base model "
-                       rf"\(expected base fingerprint {other}, found {fingerprint}\)"):
+    with pytest.raises(
+        P.IncompatibleWeightsError,
+        match=rf"{where}: made for another base model "
+        rf"\(expected base fingerprint {other}, found {fingerprint}\)",
+    ):
         P.load_personal(path, base_fingerprint=other, basis_hash=basis_hash)
-    with pytest.raises(P.IncompatibleWeightsError, match=rf"{where}: made for another LiDB basis "
-                       rf"\(expected basis hash {other}, found {basis_hash}\)"):
+    with pytest.raises(
+        P.IncompatibleWeightsError,
+        match=rf"{where}: made for another LiDB basis "
+        rf"\(expected basis hash {other}, found {basis_hash}\)",
+    ):
         P.load_personal(path, base_fingerprint=fingerprint, basis_hash=other)
     with pytest.raises(ValueError, match="need the basis hash"):
         P.save_personal(tmp_path / "x.safetensors", adapters, trainable, base_fingerprint=fingerprint)
     batched = {c: A.broadcast_batch(t, 2) for c, t in trainable.items()}
     with pytest.raises(ValueError, match="per-sample trees carry a batch axis"):
-        P.save_personal(tmp_path / "x.safetensors", adapters, batched, base_fingerprint=fingerprint,
-                        basis_hash=basis_hash)
+        P.save_personal(
+            tmp_path / "x.safetensors", adapters, batched, base_fingerprint=fingerprint, basis_hash=basis_hash
+        )
 
 
 def test_corrupt_and_foreign_files_are_named(personal, tmp_path):
@@ -220,11 +248,19 @@ def test_sd15_lidb_file_is_about_105_kb(tmp_path):
         "text_encoder": _adapter(kind, abstract, "text_encoder", "text_attention"),
     }
     zeros = lambda s: np.zeros(s.shape, s.dtype)  # noqa: E731
-    trainable = {c: jax.tree_util.tree_map(zeros, jax.eval_shape(a.init, jax.random.PRNGKey(0)))
-                 for c, a in adapters.items()}
+    trainable = {
+        c: jax.tree_util.tree_map(zeros, jax.eval_shape(a.init, jax.random.PRNGKey(0)))
+        for c, a in adapters.items()
+    }
     assert sum(len(a.targets) for a in adapters.values()) == 176
-    path = P.save_personal(tmp_path / "sd15.safetensors", adapters, trainable,
-                           base_fingerprint="0" * 16, basis_hash="1" * 16, extra={"steps": 400})
+    path = P.save_personal(
+        tmp_path / "sd15.safetensors",
+        adapters,
+        trainable,
+        base_fingerprint="0" * 16,
+        basis_hash="1" * 16,
+        extra={"steps": 400},
+    )
     payload = 176 * (100 + 50) * 4
     assert payload == 105_600
     size = path.stat().st_size
@@ -234,8 +270,12 @@ def test_sd15_lidb_file_is_about_105_kb(tmp_path):
     # header to a few KB: the paper's "roughly 100KB".
     assert 105_600 < size < 110_000
     with safe_open(str(path), framework="numpy") as handle:
-        assert sorted(handle.keys()) == ["text_encoder/a_train", "text_encoder/b_train",
-                                         "unet/a_train", "unet/b_train"]
+        assert sorted(handle.keys()) == [
+            "text_encoder/a_train",
+            "text_encoder/b_train",
+            "unet/a_train",
+            "unet/b_train",
+        ]
         assert handle.get_tensor("unet/a_train").shape == (128, 100, 1)
     assert P.load_personal(path, base_fingerprint="0" * 16, basis_hash="1" * 16).adapters == adapters
 

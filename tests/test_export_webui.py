@@ -27,8 +27,10 @@ def _adapter(kind, params, component, *names):
 def _random_trainable(adapters, seed, std):
     rng = np.random.default_rng(seed)
     normal = lambda s: (std * rng.standard_normal(s.shape)).astype(np.float32)
-    return {c: jax.tree_util.tree_map(normal, jax.eval_shape(a.init, jax.random.PRNGKey(0)))
-            for c, a in adapters.items()}
+    return {
+        c: jax.tree_util.tree_map(normal, jax.eval_shape(a.init, jax.random.PRNGKey(0)))
+        for c, a in adapters.items()
+    }
 
 
 def _read(path):
@@ -43,9 +45,12 @@ def reference(tiny_model_dir):
 
     sd, params = loading.load_pretrained(tiny_model_dir, components=("unet", "text_encoder"))
     rng = np.random.default_rng(0)
-    inputs = (rng.standard_normal((2, 4, 16, 16)).astype(np.float32), np.array([10, 700], np.int32),
-              rng.standard_normal((2, 77, 32)).astype(np.float32),
-              sd.tokenize(["a photo of sks face", "a painting of a face"]))
+    inputs = (
+        rng.standard_normal((2, 4, 16, 16)).astype(np.float32),
+        np.array([10, 700], np.int32),
+        rng.standard_normal((2, 77, 32)).astype(np.float32),
+        sd.tokenize(["a photo of sks face", "a painting of a face"]),
+    )
     unet = jax.jit(lambda p: sd.predict(p, *inputs[:3]))
     text = jax.jit(lambda p: sd.encode_text(p, inputs[3]))
     base = _torch_outputs(_torch_pipeline(tiny_model_dir), inputs)
@@ -62,7 +67,10 @@ def _torch_pipeline(root):
         text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder"),
         unet=UNet2DConditionModel.from_pretrained(root / "unet"),
         scheduler=DDPMScheduler.from_pretrained(root / "scheduler"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _torch_outputs(pipe, inputs):
@@ -78,32 +86,46 @@ def _torch_outputs(pipe, inputs):
 def _ours(reference, adapters, trainable, frozen):
     _, params, _, flax_unet, flax_text, _ = reference
     merged = {c: a.merge(params[c], trainable[c], frozen.get(c)) for c, a in adapters.items()}
-    return (np.asarray(flax_unet(merged.get("unet", params["unet"]))),
-            np.asarray(flax_text(merged.get("text_encoder", params["text_encoder"]))))
+    return (
+        np.asarray(flax_unet(merged.get("unet", params["unet"]))),
+        np.asarray(flax_text(merged.get("text_encoder", params["text_encoder"]))),
+    )
 
 
 def _compare(reference, adapters, torch_out, ours):
     """Max |PyTorch - ours| and min over adapted components of max |PyTorch - base|."""
     base = reference[5]
     diff = max(float(np.abs(t - o).max()) for t, o in zip(torch_out, ours))
-    moved = min(float(np.abs(t - b).max()) for c, t, b in zip(("unet", "text_encoder"), torch_out, base)
-                if c in adapters)
+    moved = min(
+        float(np.abs(t - b).max())
+        for c, t, b in zip(("unet", "text_encoder"), torch_out, base)
+        if c in adapters
+    )
     return diff, moved
 
 
 def _by_kohya_name(pipe):
     """ComfyUI/A1111-style name resolution: ``{prefix + torch name with '_' for '.': module}``."""
-    return {W.PREFIXES[c] + name.replace(".", "_"): module
-            for c, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
-            for name, module in model.named_modules() if getattr(module, "weight", None) is not None}
+    return {
+        W.PREFIXES[c] + name.replace(".", "_"): module
+        for c, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
+        for name, module in model.named_modules()
+        if getattr(module, "weight", None) is not None
+    }
 
 
 # -------------------------------------------------------------------- kohya LoRA via diffusers
 CASES = {  # name: (kind, {component: patterns}, std of the random factors)
-    "lidb": (A.LiDB(a=16, b=8, rank=2), {"unet": ("unet_attention",), "text_encoder": ("text_attention",)},
-             0.3),
-    "lora": (A.LoRA(rank=4, alpha=8.0), {"unet": ("unet_attention",),
-                                         "text_encoder": ("text_attention", "text_mlp")}, 0.1),
+    "lidb": (
+        A.LiDB(a=16, b=8, rank=2),
+        {"unet": ("unet_attention",), "text_encoder": ("text_attention",)},
+        0.3,
+    ),
+    "lora": (
+        A.LoRA(rank=4, alpha=8.0),
+        {"unet": ("unet_attention",), "text_encoder": ("text_attention", "text_mlp")},
+        0.1,
+    ),
     "residual": (A.Residual(ratio=0.05), {"unet": ("unet_proj_out",)}, 0.3),
 }
 
@@ -120,8 +142,9 @@ def test_kohya_file_loads_in_diffusers_with_our_outputs(reference, tmp_path, cas
     export = W.export_kohya(tmp_path / f"{case}.safetensors", adapters, trainable, frozen)
     pipe = _torch_pipeline(reference[0])
     pipe.load_lora_weights(str(export.path))  # diffusers' kohya -> PEFT conversion
-    diff, moved = _compare(reference, adapters, _torch_outputs(pipe, reference[2]),
-                           _ours(reference, adapters, trainable, frozen))
+    diff, moved = _compare(
+        reference, adapters, _torch_outputs(pipe, reference[2]), _ours(reference, adapters, trainable, frozen)
+    )
     print(f"{case}: max |diffusers - ours| = {diff:.3g}, moved from base by >= {moved:.3g}")
     assert diff <= 1e-4 and moved > 1e-2
     for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
@@ -164,8 +187,10 @@ def test_lokr_is_our_kronecker_delta_exactly(reference, tmp_path):
     import torch
 
     kind, params = A.Kron(a1=4, a2=8, scale=0.3), reference[1]
-    adapters = {"unet": _adapter(kind, params, "unet", "unet_attention", "unet_proj_out"),
-                "text_encoder": _adapter(kind, params, "text_encoder", "text_attention")}
+    adapters = {
+        "unet": _adapter(kind, params, "unet", "unet_attention", "unet_proj_out"),
+        "text_encoder": _adapter(kind, params, "text_encoder", "text_attention"),
+    }
     trainable = _random_trainable(adapters, 7, 0.3)
     export = W.export_kohya(tmp_path / "lokr.safetensors", adapters, trainable)
     tensors, meta = _read(export.path)
@@ -198,8 +223,9 @@ def test_lokr_is_our_kronecker_delta_exactly(reference, tmp_path):
         for name in export.modules:
             weight = modules[name].weight
             weight += _kron(tensors[f"{name}.lokr_w1"], tensors[f"{name}.lokr_w2"]).reshape(weight.shape)
-    diff, moved = _compare(reference, adapters, _torch_outputs(pipe, reference[2]),
-                           _ours(reference, adapters, trainable, {}))
+    diff, moved = _compare(
+        reference, adapters, _torch_outputs(pipe, reference[2]), _ours(reference, adapters, trainable, {})
+    )
     print(f"lokr: max |ComfyUI-style merge - ours| = {diff:.3g}, moved from base by >= {moved:.3g}")
     assert diff <= 1e-4 and moved > 1e-2
 
@@ -207,14 +233,22 @@ def test_lokr_is_our_kronecker_delta_exactly(reference, tmp_path):
 # -------------------------------------------------------------------- storage, metadata, refusals
 def test_float16_metadata_and_refusals(tiny_sd, tmp_path):
     abstract = tiny_sd.abstract_params()
-    adapters = {"unet": _adapter(A.Residual(ratio=0.05), abstract, "unet", "unet_proj_out"),
-                "text_encoder": _adapter(A.LoRA(rank=3, alpha=6.0), abstract, "text_encoder",
-                                         "text_attention")}
+    adapters = {
+        "unet": _adapter(A.Residual(ratio=0.05), abstract, "unet", "unet_proj_out"),
+        "text_encoder": _adapter(A.LoRA(rank=3, alpha=6.0), abstract, "text_encoder", "text_attention"),
+    }
     trainable = _random_trainable(adapters, 9, 0.2)
     full = W.export_kohya(tmp_path / "me32.safetensors", adapters, trainable)
-    half = W.export_kohya(tmp_path / "me16.safetensors", adapters, trainable, dtype="float16",
-                          trigger="sks face", output_name="me", base_fingerprint="0123456789abcdef",
-                          metadata={"ss_sd_model_name": "runwayml/stable-diffusion-v1-5"})
+    half = W.export_kohya(
+        tmp_path / "me16.safetensors",
+        adapters,
+        trainable,
+        dtype="float16",
+        trigger="sks face",
+        output_name="me",
+        base_fingerprint="0123456789abcdef",
+        metadata={"ss_sd_model_name": "runwayml/stable-diffusion-v1-5"},
+    )
     t32, _ = _read(full.path)
     t16, meta = _read(half.path)
     assert set(t16) == set(t32) and all(x.dtype == np.float16 for x in t16.values())
@@ -226,11 +260,19 @@ def test_float16_metadata_and_refusals(tiny_sd, tmp_path):
     np.testing.assert_allclose(up, 2.0 * trainable["text_encoder"][path]["up"].T, rtol=1e-6)
     assert half.path.stat().st_size < full.path.stat().st_size
     expected = {
-        "ss_network_module": "networks.lora", "ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic",
-        "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_output_name": "me",
-        "ss_tag_frequency": json.dumps({"me": {"sks face": 1}}), "modelspec.trigger_phrase": "sks face",
-        "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.title": "me",
-        "hdb_jax.format": "webui", "hdb_jax.trigger": "sks face", "hdb_jax.dtype": "float16",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": "Dynamic",
+        "ss_network_alpha": "Dynamic",
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_output_name": "me",
+        "ss_tag_frequency": json.dumps({"me": {"sks face": 1}}),
+        "modelspec.trigger_phrase": "sks face",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.title": "me",
+        "hdb_jax.format": "webui",
+        "hdb_jax.trigger": "sks face",
+        "hdb_jax.dtype": "float16",
         "hdb_jax.base_fingerprint": "0123456789abcdef",
         "ss_sd_model_name": "runwayml/stable-diffusion-v1-5",
     }
@@ -239,10 +281,14 @@ def test_float16_metadata_and_refusals(tiny_sd, tmp_path):
     assert kinds["text_encoder"] == {"kind": "lora", "hparams": {"rank": 3, "alpha": 6.0}}
     assert kinds["unet"]["kind"] == "residual" and kinds["unet"]["hparams"]["ratio"] == 0.05
     assert "ss_tag_frequency" not in _read(full.path)[1]  # no trigger, no tags
-    assert W.kohya_name("unet", "down_blocks_0.attentions_0.transformer_blocks_0.attn1.to_q") == \
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    assert W.kohya_name("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj") == \
-        "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert (
+        W.kohya_name("unet", "down_blocks_0.attentions_0.transformer_blocks_0.attn1.to_q")
+        == "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    )
+    assert (
+        W.kohya_name("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj")
+        == "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    )
     assert all("." not in name for name in full.modules)  # A1111 splits keys at the first dot
 
     with pytest.raises(ValueError, match=re.escape("dtype 'bfloat16' is not one of ['float16', 'float32']")):
@@ -266,8 +312,10 @@ def test_sd15_names_parse_as_a1111_maps_them_to_ldm_blocks():
 
     abstract = model.sd15_shapes().abstract_params()
     kind = A.LoRA(rank=1)
-    adapters = {"unet": _adapter(kind, abstract, "unet", "unet_attention", "unet_proj_out"),
-                "text_encoder": _adapter(kind, abstract, "text_encoder", "text_attention", "text_mlp")}
+    adapters = {
+        "unet": _adapter(kind, abstract, "unet", "unet_attention", "unet_proj_out"),
+        "text_encoder": _adapter(kind, abstract, "text_encoder", "text_attention", "text_mlp"),
+    }
     names = {c: [W.kohya_name(c, p) for p in a.paths] for c, a in adapters.items()}
     assert [len(set(n)) for n in names.values()] == [144, 72]
     inputs, outputs, middle, layers = set(), set(), 0, set()
@@ -283,8 +331,11 @@ def test_sd15_names_parse_as_a1111_maps_them_to_ldm_blocks():
         assert m is not None and m.groups()[-1] in rests, name
     assert inputs == {1, 2, 4, 5, 7, 8} and outputs == set(range(3, 12)) and middle == 9
     for name in names["text_encoder"]:
-        m = re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(self_attn_[qkv]_proj|self_attn_out_proj|"
-                         r"mlp_fc[12])", name)
+        m = re.fullmatch(
+            r"lora_te_text_model_encoder_layers_(\d+)_(self_attn_[qkv]_proj|self_attn_out_proj|"
+            r"mlp_fc[12])",
+            name,
+        )
         assert m is not None, name
         layers.add(int(m[1]))
     assert layers == set(range(12))

@@ -25,9 +25,15 @@ def test_invariant_to_sign_and_scale_of_the_factors():
     base = ht.weight_distance(pred, target, kind)
     assert base.shape == (3,) and float(base.min()) > 0
     for c in (-1.0, 3.0, -0.25):
-        np.testing.assert_allclose(ht.weight_distance(_scale_factors(pred, kind, c), target, kind), base, rtol=1e-5)
-        np.testing.assert_allclose(ht.weight_distance(pred, _scale_factors(target, kind, c), kind), base, rtol=1e-5)
-    np.testing.assert_allclose(ht.weight_distance(target, _scale_factors(target, kind, -2.0), kind), 0.0, atol=1e-5)
+        np.testing.assert_allclose(
+            ht.weight_distance(_scale_factors(pred, kind, c), target, kind), base, rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            ht.weight_distance(pred, _scale_factors(target, kind, c), kind), base, rtol=1e-5
+        )
+    np.testing.assert_allclose(
+        ht.weight_distance(target, _scale_factors(target, kind, -2.0), kind), 0.0, atol=1e-5
+    )
     # A loss on the raw factors is not invariant (why the old one learned the mean of coin flips).
     raw = jnp.sum(jnp.square(pred - target), axis=(1, 2))
     assert float(jnp.abs(jnp.sum(jnp.square(-pred - target), axis=(1, 2)) - raw).max()) > 1.0
@@ -42,9 +48,17 @@ def test_equals_the_dense_update_distance_with_orthonormal_bases(tiny_params):
     got = np.asarray(ht.weight_distance(pred, target, kind))
     for b in range(2):
         trees = [dec.tokens_to_tree(t[b], adapters, kind)["unet"] for t in (pred, target)]
-        dense = sum(float(jnp.sum(jnp.square(adapters["unet"].delta(t, trees[0], basis["unet"])
-                                             - adapters["unet"].delta(t, trees[1], basis["unet"]))))
-                    for t in adapters["unet"].targets)
+        dense = sum(
+            float(
+                jnp.sum(
+                    jnp.square(
+                        adapters["unet"].delta(t, trees[0], basis["unet"])
+                        - adapters["unet"].delta(t, trees[1], basis["unet"])
+                    )
+                )
+            )
+            for t in adapters["unet"].targets
+        )
         np.testing.assert_allclose(got[b], dense, rtol=1e-4)
 
 
@@ -52,7 +66,9 @@ def test_r_squared_of_known_predictions():
     kind = A.LiDB(a=3, b=2, rank=1)
     target = _tokens(jax.random.PRNGKey(5), kind, 4, 50)
     assert ht.r_squared(np.asarray(target), np.asarray(target), kind) == 1.0
-    mean = np.broadcast_to(np.asarray(target).mean(0), target.shape)  # not the mean product, so R^2 < 0 is possible
+    mean = np.broadcast_to(
+        np.asarray(target).mean(0), target.shape
+    )  # not the mean product, so R^2 < 0 is possible
     products = ht.weight_products(target, kind)
     mean_pred_r2 = 1 - np.sum((products.mean(0) - products) ** 2) / np.sum((products - products.mean(0)) ** 2)
     assert abs(mean_pred_r2) < 1e-12

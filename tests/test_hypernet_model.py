@@ -50,9 +50,7 @@ def _max(x):
 def test_output_tree_matches_adapter_trees(adapters, images, hyper):
     net, params, encode, decode, _ = hyper
     tree = jax.eval_shape(lambda p, x: net.apply({"params": p}, x), params, images)  # __call__
-    expected = {
-        c: A.broadcast_batch(ad.init(jax.random.PRNGKey(1)), 2) for c, ad in adapters.items()
-    }
+    expected = {c: A.broadcast_batch(ad.init(jax.random.PRNGKey(1)), 2) for c, ad in adapters.items()}
     assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(expected)
     shapes = jax.tree_util.tree_map(lambda x: x.shape, tree)
     assert shapes == jax.tree_util.tree_map(lambda x: x.shape, expected)
@@ -119,7 +117,9 @@ def test_iterative_refinement(images, hyper):
     for _ in range(4):  # the same decoder parameters at every step
         estimate = estimate + refine(params, features, estimate)
     np.testing.assert_allclose(estimate, four, rtol=1e-5, atol=1e-6 * scale)
-    np.testing.assert_allclose(refine(params, features, jnp.zeros_like(four)), once, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(
+        refine(params, features, jnp.zeros_like(four)), once, rtol=1e-5, atol=1e-6 * scale
+    )
 
 
 def test_images_drive_weights_and_encoder_freezing(adapters, images, hyper):
@@ -137,7 +137,9 @@ def test_images_drive_weights_and_encoder_freezing(adapters, images, hyper):
     trainable, frozen = H.split_params(net, params)
     assert set(trainable) == {"decoder"} and set(frozen) == {"encoder"}
 
-    open_net, _ = H.build_hypernet("tiny", adapters, KIND, num_blocks=BLOCKS, head_std=0.05, train_encoder=True)
+    open_net, _ = H.build_hypernet(
+        "tiny", adapters, KIND, num_blocks=BLOCKS, head_std=0.05, train_encoder=True
+    )
     g = grads(open_net, params)  # same parameter tree, encoder now trains
     assert _max(g["encoder"]["vision_model"]["embeddings"]["patch_embedding"]["kernel"]) > 0
     assert _max(g["encoder"]["vision_model"]["encoder"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]) > 0
@@ -149,7 +151,10 @@ def test_concat_mode_differs_from_cross(adapters, images, hyper):
     net, params, encode, decode, _ = hyper
     cat_net, _ = H.build_hypernet("tiny", adapters, KIND, num_blocks=BLOCKS, head_std=0.05, mode="concat")
     cat_params = H.init_params(cat_net, jax.random.PRNGKey(0), encoder_params=params["encoder"])
-    assert "cross_attn" in params["decoder"]["blocks_0"] and "cross_attn" not in cat_params["decoder"]["blocks_0"]
+    assert (
+        "cross_attn" in params["decoder"]["blocks_0"]
+        and "cross_attn" not in cat_params["decoder"]["blocks_0"]
+    )
     features = encode(params, images)
     cat = jax.jit(lambda p, f: cat_net.apply({"params": p}, f, method="decode"))(cat_params, features)
     cross = decode(params, features, 4)
@@ -165,7 +170,9 @@ def test_sd15_abstract_shapes():
     lidb = A.LiDB()  # a=100, b=50, r=1
     ads = {
         "unet": A.Adapter.create(lidb, abstract["unet"], [A.PATTERNS["unet_attention"]], "unet"),
-        "text_encoder": A.Adapter.create(lidb, abstract["text_encoder"], [A.PATTERNS["text_attention"]], "text_encoder"),
+        "text_encoder": A.Adapter.create(
+            lidb, abstract["text_encoder"], [A.PATTERNS["text_attention"]], "text_encoder"
+        ),
     }
     net, _ = H.build_hypernet("sd15", ads, lidb)
     shapes = H.abstract_params(net)
@@ -182,7 +189,9 @@ def test_sd15_abstract_shapes():
     assert (net.decoder.num_blocks, net.decoder.num_heads, net.iterations) == (4, 2, 4)
     assert shapes["decoder"]["layer_embedding"].shape == (176, 300)
     assert shapes["decoder"]["head"]["kernel"].shape == (300, 150)
-    assert sorted(k for k in shapes["decoder"] if k.startswith("blocks_")) == [f"blocks_{i}" for i in range(4)]
+    assert sorted(k for k in shapes["decoder"] if k.startswith("blocks_")) == [
+        f"blocks_{i}" for i in range(4)
+    ]
 
     images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
     tree = jax.eval_shape(lambda p, x: net.apply({"params": p}, x), shapes, images)

@@ -51,7 +51,14 @@ def _run_on(mesh_axes, parts, steps=2):
     mesh = sharding.make_mesh(mesh_axes)
     abstract_state = jax.eval_shape(lambda: state)
     step, state_sh, frozen_sh, data_sh = ht.sharded_step(
-        config, sd, net, adapters, optimizer, mesh, abstract_state, jax.eval_shape(lambda: frozen),
+        config,
+        sd,
+        net,
+        adapters,
+        optimizer,
+        mesh,
+        abstract_state,
+        jax.eval_shape(lambda: frozen),
         wrap=functools.partial(chex.assert_max_traces, n=1),  # one trace for every step
     )
     s = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), state_sh)
@@ -80,7 +87,9 @@ def test_same_numbers_on_every_mesh(parts):
             assert specs["decoder/blocks_0/cross_attn/query/bias"] == str(P())
             unet_q = "sd/unet/down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel"
             assert specs[unet_q] == str(P("fsdp", None))
-            assert state["trainable"]["decoder"]["blocks_0"]["cross_attn"]["query"]["kernel"].sharding.spec == P("fsdp", None, None)
+            assert state["trainable"]["decoder"]["blocks_0"]["cross_attn"]["query"][
+                "kernel"
+            ].sharding.spec == P("fsdp", None, None)
 
 
 def test_restore_on_a_different_mesh(parts, tmp_path):
@@ -92,11 +101,17 @@ def test_restore_on_a_different_mesh(parts, tmp_path):
         ckpt.save(5, saved, {"mesh": "2x4"})
     mesh4 = sharding.make_mesh({"data": 2, "fsdp": 2})  # four devices
     target_sh = sharding.tree_shardings(state, mesh4, rules)
-    target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, target_sh)
+    target = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, target_sh
+    )
     with checkpoint.Checkpointer(tmp_path, every=1, handle_sigterm=False) as ckpt:
         step, restored = ckpt.restore(target)
     assert step == 5
-    for a, b, sh in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(target_sh)):
+    for a, b, sh in zip(
+        jax.tree_util.tree_leaves(restored),
+        jax.tree_util.tree_leaves(state),
+        jax.tree_util.tree_leaves(target_sh),
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert a.sharding == sh and len(a.sharding.device_set) in (1, 4)
 
@@ -108,22 +123,49 @@ def _free_port():
 
 
 def _cmd(workdir, extra=()):
-    return [sys.executable, "-m", "hdb_jax.train", "--config=configs/hypernet.py:tiny", f"--config.workdir={workdir}",
-            "--config.steps=3", "--config.checkpoint_every=3", "--config.batch_size=8", "--config.data.heldout=()",
-            "--config.mesh.data=-1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "hdb_jax.train",
+        "--config=configs/hypernet.py:tiny",
+        f"--config.workdir={workdir}",
+        "--config.steps=3",
+        "--config.checkpoint_every=3",
+        "--config.batch_size=8",
+        "--config.data.heldout=()",
+        "--config.mesh.data=-1",
+        *extra,
+    ]
 
 
 def test_two_processes_match_one(tmp_path):
-    env8 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HDB_DISTRIBUTED="0", PYTHON=sys.executable)
+    env8 = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        HDB_DISTRIBUTED="0",
+        PYTHON=sys.executable,
+    )
     single = subprocess.run(_cmd(tmp_path / "one"), cwd=ROOT, env=env8, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-3000:]
 
     port = _free_port()
     env4 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     procs = [
-        subprocess.Popen(_cmd(tmp_path / "two", [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                                                  "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]),
-                         cwd=ROOT, env=env4, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            _cmd(
+                tmp_path / "two",
+                [
+                    f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                    "--config.distributed.num_processes=2",
+                    f"--config.distributed.process_id={i}",
+                ],
+            ),
+            cwd=ROOT,
+            env=env4,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=1200)[0] for p in procs]
@@ -159,10 +201,20 @@ def test_global_batch_rows_do_not_depend_on_device_order():
 
 
 def test_launch_script_dry_run_builds_mesh_and_compiles(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", CONFIG="configs/hypernet.py:tiny",
-               HDB_DISTRIBUTED="0", PYTHON=sys.executable)
-    proc = subprocess.run(["bash", "launch/gpu_host.sh", str(tmp_path / "dry"), "--dry_run", "--config.mesh.fsdp=2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        CONFIG="configs/hypernet.py:tiny",
+        HDB_DISTRIBUTED="0",
+        PYTHON=sys.executable,
+    )
+    proc = subprocess.run(
+        ["bash", "launch/gpu_host.sh", str(tmp_path / "dry"), "--dry_run", "--config.mesh.fsdp=2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"mesh": {"data": 4, "fsdp": 2}' in proc.stdout and '"devices": 8' in proc.stdout
     assert "trainable/decoder/blocks_0/cross_attn/key/kernel: P('fsdp', None, None)" in proc.stdout

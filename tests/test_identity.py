@@ -56,8 +56,9 @@ def test_uint8_float_and_resized_inputs(scorer):
     images = _renders(ids, 3, "photo")
     as_float = images.astype(np.float32) / 127.5 - 1
     np.testing.assert_allclose(scorer.embed(images), scorer.embed(as_float), atol=1e-6)
-    large = np.stack([synthetic.render_face(synthetic.identity(i), synthetic.variation(i, 3), 64)
-                      for i in ids])
+    large = np.stack(
+        [synthetic.render_face(synthetic.identity(i), synthetic.variation(i, 3), 64) for i in ids]
+    )
     same = np.sum(np.asarray(scorer.embed(large)) * np.asarray(scorer.embed(images)), axis=-1)
     assert same.min() > 0.95  # measured >= 0.993: a 64 px render lands next to the same image at 32 px
 

@@ -43,7 +43,9 @@ def test_folder_of_identities_skips_bad_files_and_empty_identities(people):
     assert "broken.jpg" in message and "carol" in message
     views = source.views("alice")
     assert views.shape == (3, 32, 32, 3) and views.dtype == np.uint8
-    np.testing.assert_array_equal(source.views("bob", [0, 1, 2]), source.views("bob")[[0, 1, 0]])  # wraps around
+    np.testing.assert_array_equal(
+        source.views("bob", [0, 1, 2]), source.views("bob")[[0, 1, 0]]
+    )  # wraps around
     with pytest.raises(folder.NoImagesError, match="no usable identity"):
         identities.FolderIdentities(str(people / "carol"), 32)
     with pytest.raises(FileNotFoundError, match="nowhere"):
@@ -67,10 +69,16 @@ def test_folder_of_identities_trains_preopt_and_a_hypernetwork_step(people, tmp_
         hyper = load_config("hypernet", "tiny")
         hyper.workdir, hyper.steps, hyper.batch_size, hyper.mesh.data = str(tmp_path / "hyp"), 1, 2, 1
         hyper.data.source, hyper.data.folder, hyper.data.preopt_dir = "folder", str(people), config.workdir
-        hyper.data.heldout, hyper.adapter.basis_file = (), os.path.join(config.workdir, "lidb_basis.safetensors")
+        hyper.data.heldout, hyper.adapter.basis_file = (
+            (),
+            os.path.join(config.workdir, "lidb_basis.safetensors"),
+        )
         result = hypernet_train.train(hyper, sd, params)
     assert result["loop"].step == 1 and np.isfinite(result["loop"].last())
-    assert 0 < np.isfinite(result["r2_train"]) and (tmp_path / "hyp" / "hypernet" / "hypernet.safetensors").is_file()
+    assert (
+        0 < np.isfinite(result["r2_train"])
+        and (tmp_path / "hyp" / "hypernet" / "hypernet.safetensors").is_file()
+    )
 
 
 def test_tfds_images_as_identities_from_a_manual_dir(tmp_path):
@@ -87,8 +95,14 @@ def test_tfds_images_as_identities_from_a_manual_dir(tmp_path):
             info = tarfile.TarInfo(f"imgHQ{i:05d}.png")
             info.size = len(buf.getvalue())
             tar.addfile(info, io.BytesIO(buf.getvalue()))
-    data = dict(source="tfds", tfds_name=tfds_source.celeba_hq_builder_name(8), split="train",
-                data_dir=str(tmp_path / "data"), manual_dir=str(manual), count=3)
+    data = dict(
+        source="tfds",
+        tfds_name=tfds_source.celeba_hq_builder_name(8),
+        split="train",
+        data_dir=str(tmp_path / "data"),
+        manual_dir=str(manual),
+        count=3,
+    )
     source = identities.from_config(data, 8)
     assert source.identities == (0, 1, 2) and source.views_per_identity == 1
     got = sorted(tuple(source.views(i)[0, 0, 0]) for i in source.identities)

@@ -16,14 +16,18 @@ from hdb_jax.sd import hf
 
 @pytest.fixture(scope="module")
 def residual(tiny_params):
-    adapter = A.Adapter.create(A.Residual(ratio=0.25), tiny_params["unet"], [A.PATTERNS["unet_proj_out"]], "unet")
+    adapter = A.Adapter.create(
+        A.Residual(ratio=0.25), tiny_params["unet"], [A.PATTERNS["unet_proj_out"]], "unet"
+    )
     leaves, treedef = jax.tree_util.tree_flatten(adapter.init(jax.random.PRNGKey(0)))
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     return adapter, treedef.unflatten([0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
 def _ids(sd):
-    return sd.tokenize(["a sks face", "a photo of a sks face"]), [sd.tokenizer.convert_tokens_to_ids(w) for w in ("sks</w>", "face</w>")]
+    return sd.tokenize(["a sks face", "a photo of a sks face"]), [
+        sd.tokenizer.convert_tokens_to_ids(w) for w in ("sks</w>", "face</w>")
+    ]
 
 
 def test_mask_one_is_merged_sampling_and_zero_is_base(tiny_sd, tiny_params, residual):
@@ -31,12 +35,22 @@ def test_mask_one_is_merged_sampling_and_zero_is_base(tiny_sd, tiny_params, resi
     prompts, seeds = ["a sks face", "a photo of a sks face"], [0, 1]
     _, tokens = _ids(tiny_sd)
     kw = dict(num_steps=3, guidance_scale=3.0, batch_size=2, progress=False)
-    merged = S.sample(tiny_sd, A.merge_all(tiny_params, {"unet": adapter}, {"unet": trained}), prompts, seeds, **kw)
+    merged = S.sample(
+        tiny_sd, A.merge_all(tiny_params, {"unet": adapter}, {"unet": trained}), prompts, seeds, **kw
+    )
     base = S.sample(tiny_sd, tiny_params, prompts, seeds, **kw)
-    one = S.sample(tiny_sd, tiny_params, prompts, seeds, lag=(S.LagSpec(adapter, tuple(tokens), 1.0), trained, {}), **kw)
-    zero = S.sample(tiny_sd, tiny_params, prompts, seeds, lag=(S.LagSpec(adapter, tuple(tokens), 0.0), trained, {}), **kw)
-    lag = S.sample(tiny_sd, tiny_params, prompts, seeds, lag=(S.LagSpec(adapter, tuple(tokens)), trained, {}), **kw)
-    assert np.abs(one.astype(int) - merged).max() <= 1 and np.abs(zero.astype(int) - base).max() <= 1  # uint8 rounding
+    one = S.sample(
+        tiny_sd, tiny_params, prompts, seeds, lag=(S.LagSpec(adapter, tuple(tokens), 1.0), trained, {}), **kw
+    )
+    zero = S.sample(
+        tiny_sd, tiny_params, prompts, seeds, lag=(S.LagSpec(adapter, tuple(tokens), 0.0), trained, {}), **kw
+    )
+    lag = S.sample(
+        tiny_sd, tiny_params, prompts, seeds, lag=(S.LagSpec(adapter, tuple(tokens)), trained, {}), **kw
+    )
+    assert (
+        np.abs(one.astype(int) - merged).max() <= 1 and np.abs(zero.astype(int) - base).max() <= 1
+    )  # uint8 rounding
     assert np.abs(merged.astype(int) - base).max() > 20  # the residual matters
     assert np.abs(lag.astype(int) - merged).max() > 5 and np.abs(lag.astype(int) - base).max() > 5
 
@@ -53,7 +67,10 @@ def test_recorded_maps_are_the_dense_attention_probabilities(tiny_sd, tiny_param
         if ctx.method_name == "__call__" and isinstance(ctx.module, hf.FlaxAttention):
             path = ".".join(ctx.module.scope.path)
             if path.endswith("attn2"):
-                seen[path] = (np.asarray(args[0]), np.asarray(args[1] if len(args) > 1 else kwargs["context"]))
+                seen[path] = (
+                    np.asarray(args[0]),
+                    np.asarray(args[1] if len(args) > 1 else kwargs["context"]),
+                )
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(capture), lag_lib.lag(adapter, trained, {}, weights, jnp.ones((2,))) as rec:

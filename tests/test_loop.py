@@ -33,7 +33,9 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path):
     np.testing.assert_array_equal(np.asarray(second.state["w"]), np.asarray(straight.state["w"]))
     assert sorted(second.history) == [6, 7]
     # Only scalars are logged; array metrics stay off the writer and the history.
-    assert set(second.history[7]) == {"loss", "steps_per_s"} and second.history[7]["loss"] == 2 * sum(range(7))
+    assert set(second.history[7]) == {"loss", "steps_per_s"} and second.history[7]["loss"] == 2 * sum(
+        range(7)
+    )
 
 
 def test_non_finite_loss_names_step_and_last_good_checkpoint(tmp_path):
@@ -42,7 +44,10 @@ def test_non_finite_loss_names_step_and_last_good_checkpoint(tmp_path):
         return new, {"loss": jnp.where(new["step"] >= 5, jnp.nan, out["loss"])}
 
     with checkpoint.Checkpointer(tmp_path, every=2) as ckpt:
-        with pytest.raises(loop.NonFiniteLossError, match=rf"loss is nan at step 6; last good checkpoint: step 4 in {tmp_path}"):
+        with pytest.raises(
+            loop.NonFiniteLossError,
+            match=rf"loss is nan at step 6; last good checkpoint: step 4 in {tmp_path}",
+        ):
             loop.train(_state(), step, _batch, steps=10, checkpointer=ckpt, log_every=3)
 
 
@@ -55,8 +60,17 @@ def test_validation_and_metrics_reach_tensorboard(tmp_path):
         return {"scalars": {"score": float(step)}, "images": {"grid": np.full((4, 8, 3), step, np.uint8)}}
 
     with metrics.Writer(tmp_path) as writer:
-        result = loop.train(_state(), _step, _batch, steps=6, writer=writer, log_every=2, validate=validate,
-                            validate_every=4, prefix="phase/")
+        result = loop.train(
+            _state(),
+            _step,
+            _batch,
+            steps=6,
+            writer=writer,
+            log_every=2,
+            validate=validate,
+            validate_every=4,
+            prefix="phase/",
+        )
     assert calls == [4, 6] and result.validation == {4: {"score": 4.0}, 6: {"score": 6.0}}
     acc = loader.EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()

@@ -14,7 +14,9 @@ def _events(logdir):
 
 
 def test_tensorboard_reads_scalars_images_text_and_hparams(tmp_path):
-    grid = images.grid(np.stack([np.full((4, 4, 3), v, np.uint8) for v in (0, 128, 255)]), cols=3)  # [4, 12, 3]
+    grid = images.grid(
+        np.stack([np.full((4, 4, 3), v, np.uint8) for v in (0, 128, 255)]), cols=3
+    )  # [4, 12, 3]
     with metrics.Writer(tmp_path) as writer:
         writer.scalars(1, {"loss": 0.5, "grad_norm": np.float32(2.25)})
         writer.scalars(10, {"loss": 0.125})

@@ -26,7 +26,9 @@ from hdb_jax.toy import base_model_dir
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-ARCH = dict(encoder="tiny", iterations=2, mode="cross", num_blocks=1, num_heads=2, width=0, train_encoder=False)
+ARCH = dict(
+    encoder="tiny", iterations=2, mode="cross", num_blocks=1, num_heads=2, width=0, train_encoder=False
+)
 PATTERNS = {"unet": [A.PATTERNS["unet_attention"]], "text_encoder": [A.PATTERNS["text_attention"]]}
 
 
@@ -35,13 +37,21 @@ def write_bundle(directory, params, *, patterns=PATTERNS, fingerprint=None):
     abstract = jax.eval_shape(lambda: params)
     kind = A.LiDB(a=16, b=8, rank=1)
     adapters = {c: A.Adapter.create(kind, abstract[c], p, c) for c, p in patterns.items()}
-    net, init = build_hypernet("tiny", adapters, kind, iterations=ARCH["iterations"], num_blocks=ARCH["num_blocks"],
-                               head_std=0.05)
+    net, init = build_hypernet(
+        "tiny", adapters, kind, iterations=ARCH["iterations"], num_blocks=ARCH["num_blocks"], head_std=0.05
+    )
     basis_file = os.path.join(directory, "source_basis.safetensors")
     _, digest = basis_io.load_or_create(basis_file, adapters, jax.random.PRNGKey(1))
-    return bundle_lib.save(directory, net, init(jax.random.PRNGKey(2)), patterns=patterns, arch=ARCH,
-                           base_fingerprint=fingerprint or params_fingerprint(params), basis_file=basis_file,
-                           basis_hash=digest)
+    return bundle_lib.save(
+        directory,
+        net,
+        init(jax.random.PRNGKey(2)),
+        patterns=patterns,
+        arch=ARCH,
+        base_fingerprint=fingerprint or params_fingerprint(params),
+        basis_file=basis_file,
+        basis_hash=digest,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +110,19 @@ def test_bundle_round_trip_and_refusals(toy, bundle_dir, tmp_path):
 
 
 def _cli(image, out, bundle, cache):
-    cmd = [sys.executable, "-m", "hdb_jax.personalize", "--config", "configs/personalize.py", f"--image={image}",
-           f"--out={out}", f"--config.hypernet={bundle}", f"--config.compile_cache={cache}", "--config.relax.steps=3",
-           "--config.relax.batch_size=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hdb_jax.personalize",
+        "--config",
+        "configs/personalize.py",
+        f"--image={image}",
+        f"--out={out}",
+        f"--config.hypernet={bundle}",
+        f"--config.compile_cache={cache}",
+        "--config.relax.steps=3",
+        "--config.relax.batch_size=2",
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -120,20 +140,28 @@ def test_cli_writes_both_files_and_reuses_the_compile_cache(toy, bundle_dir, fac
     assert len(first["losses"]) == 3 and all(np.isfinite(first["losses"]))
 
     # Our file: a LoRA of rank 4 + 1 (relaxed LoRA + the folded rank-1 prediction) tied to this base model.
-    loaded = personal.load_personal(tmp_path / "first" / "personal.safetensors", base_fingerprint=params_fingerprint(params))
+    loaded = personal.load_personal(
+        tmp_path / "first" / "personal.safetensors", base_fingerprint=params_fingerprint(params)
+    )
     assert {a.kind.rank for a in loaded.adapters.values()} == {5}
     # The standard file: lora_A / lora_B for every adapted layer, as diffusers' loader expects.
     lora_file = tmp_path / "first" / "lora" / export.LORA_WEIGHT_NAME
     with safe_open(os.fspath(lora_file), framework="numpy") as f:
         keys = list(f.keys())
     n_layers = sum(len(a.targets) for a in loaded.adapters.values())
-    assert sum(k.endswith("lora_A.weight") for k in keys) == sum(k.endswith("lora_B.weight") for k in keys) == n_layers
+    assert (
+        sum(k.endswith("lora_A.weight") for k in keys)
+        == sum(k.endswith("lora_B.weight") for k in keys)
+        == n_layers
+    )
     # Same seed, same photo, same program: the two runs agree.
     again = personal.load_personal(tmp_path / "second" / "personal.safetensors", base_fingerprint=None)
     for c in loaded.trainable:
         for path, factors in loaded.trainable[c].items():
             for name, x in factors.items():
-                np.testing.assert_allclose(np.asarray(x), np.asarray(again.trainable[c][path][name]), atol=1e-6)
+                np.testing.assert_allclose(
+                    np.asarray(x), np.asarray(again.trainable[c][path][name]), atol=1e-6
+                )
 
 
 @pytest.mark.parametrize("case", ["not_an_image", "corrupt", "tiny", "huge"])
@@ -154,8 +182,12 @@ def test_bad_photos_fail_before_any_weights_load(case, tmp_path, face_png):
     with pytest.raises(folder.BadImageError) as err:
         personalize.personalize(config, os.fspath(path), os.fspath(tmp_path / "out"))
     assert str(path) in str(err.value)
-    expected = {"not_an_image": folder.NOT_AN_IMAGE, "corrupt": (folder.CORRUPT, folder.TRUNCATED), "tiny": folder.TOO_SMALL,
-                "huge": folder.TOO_LARGE}[case]
+    expected = {
+        "not_an_image": folder.NOT_AN_IMAGE,
+        "corrupt": (folder.CORRUPT, folder.TRUNCATED),
+        "tiny": folder.TOO_SMALL,
+        "huge": folder.TOO_LARGE,
+    }[case]
     assert err.value.reason in (expected if isinstance(expected, tuple) else (expected,))
     assert not (tmp_path / "out").exists()
 
@@ -183,8 +215,11 @@ def test_batched_personalisation_equals_single_runs_and_compiles_once(toy, bundl
     assert len(p._run) == 1  # reused, not recompiled, for new values of the same shape
     for i, (pred, ref, key) in enumerate(zip(predicted, refs, keys)):
         _, tree, losses = p.finetune_from(pred, ref, key)
-        for x, y, z in zip(jax.tree_util.tree_leaves(many[i][1]), jax.tree_util.tree_leaves(tree),
-                           jax.tree_util.tree_leaves(again[2 - i][1])):
+        for x, y, z in zip(
+            jax.tree_util.tree_leaves(many[i][1]),
+            jax.tree_util.tree_leaves(tree),
+            jax.tree_util.tree_leaves(again[2 - i][1]),
+        ):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
             np.testing.assert_array_equal(np.asarray(x), np.asarray(z))
         np.testing.assert_allclose(many[i][2], losses, atol=1e-5)

@@ -25,16 +25,25 @@ def test_clipping_is_per_identity():
 
 def _cmd(workdir, model_dir):
     return [
-        sys.executable, "-m", "hdb_jax.train", "--config=configs/preopt.py:tiny", f"--config.workdir={workdir}",
-        f"--config.model.source={model_dir}", "--config.data.identities=(3,5,8,13)", "--config.chunk_size=2",
-        "--config.mesh.data=2", "--config.steps=8",
+        sys.executable,
+        "-m",
+        "hdb_jax.train",
+        "--config=configs/preopt.py:tiny",
+        f"--config.workdir={workdir}",
+        f"--config.model.source={model_dir}",
+        "--config.data.identities=(3,5,8,13)",
+        "--config.chunk_size=2",
+        "--config.mesh.data=2",
+        "--config.steps=8",
     ]
 
 
 def test_preopt_kill_resume_every_identity_once(tmp_path, tiny_model_dir):
     workdir = tmp_path / "preopt"
     index = workdir / "index.jsonl"
-    proc = subprocess.Popen(_cmd(workdir, tiny_model_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(workdir, tiny_model_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:
         if index.exists() and index.read_text().count("\n") >= 2:
@@ -70,11 +79,23 @@ def test_preopt_kill_resume_every_identity_once(tmp_path, tiny_model_dir):
 
     # Stage 2 on these weights: the hypernetwork's predictions beat zero weights on held-out faces.
     hyper = subprocess.run(
-        [sys.executable, "-m", "hdb_jax.train", "--config=configs/hypernet.py:tiny", f"--config.workdir={tmp_path / 'hyper'}",
-         f"--config.model.source={tiny_model_dir}", f"--config.data.preopt_dir={workdir}", "--config.steps=16",
-         "--config.batch_size=8", "--config.mesh.data=-1", "--config.data.heldout=(901,902,903,904)",
-         "--config.adapter.basis_file=" + str(workdir / "lidb_basis.safetensors")],
-        cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "hdb_jax.train",
+            "--config=configs/hypernet.py:tiny",
+            f"--config.workdir={tmp_path / 'hyper'}",
+            f"--config.model.source={tiny_model_dir}",
+            f"--config.data.preopt_dir={workdir}",
+            "--config.steps=16",
+            "--config.batch_size=8",
+            "--config.mesh.data=-1",
+            "--config.data.heldout=(901,902,903,904)",
+            "--config.adapter.basis_file=" + str(workdir / "lidb_basis.safetensors"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert hyper.returncode == 0, hyper.stderr[-3000:]
     heldout = json.loads((tmp_path / "hyper" / "heldout.json").read_text())
@@ -93,11 +114,17 @@ def test_duplicated_identity_gets_the_same_targets_anywhere(tmp_path):
     preopt_lib.train(config, sd, params)
     rows, trees = weights.load(config.workdir)
     assert [(r["identity"], r["chunk"], r["row"]) for r in rows][1:3] == [
-        (7, "chunk_00000.safetensors", 1), (7, "chunk_00001.safetensors", 0)]
+        (7, "chunk_00000.safetensors", 1),
+        (7, "chunk_00001.safetensors", 0),
+    ]
     for component, tree in trees.items():
         for path, factors in tree.items():
             for name, x in factors.items():
-                np.testing.assert_allclose(x[1], x[2], atol=1e-6, rtol=0, err_msg=f"{component}/{path}/{name}")
+                np.testing.assert_allclose(
+                    x[1], x[2], atol=1e-6, rtol=0, err_msg=f"{component}/{path}/{name}"
+                )
     moved = max(float(np.abs(f["b_train"][1]).max()) for t in trees.values() for f in t.values())
-    others = max(float(np.abs(f["b_train"][0] - f["b_train"][1]).max()) for t in trees.values() for f in t.values())
+    others = max(
+        float(np.abs(f["b_train"][0] - f["b_train"][1]).max()) for t in trees.values() for f in t.values()
+    )
     assert moved > 1e-3 and others > 1e-4  # the targets moved, and another identity's differ

@@ -36,16 +36,23 @@ def _f64(x):
 
 def _lidb_deltas(adapters, basis, predicted):
     return {
-        c: {t.kernel_path: _f64(basis[c][t.path]["a_aux"]) @ _f64(predicted[c][t.path]["a_train"])
-            @ _f64(predicted[c][t.path]["b_train"]) @ _f64(basis[c][t.path]["b_aux"]) for t in a.targets}
+        c: {
+            t.kernel_path: _f64(basis[c][t.path]["a_aux"])
+            @ _f64(predicted[c][t.path]["a_train"])
+            @ _f64(predicted[c][t.path]["b_train"])
+            @ _f64(basis[c][t.path]["b_aux"])
+            for t in a.targets
+        }
         for c, a in adapters.items()
     }
 
 
 def _lora_deltas(adapters, trees):
     return {
-        c: {t.kernel_path: a.kind.scale * _f64(trees[c][t.path]["down"]) @ _f64(trees[c][t.path]["up"])
-            for t in a.targets}
+        c: {
+            t.kernel_path: a.kind.scale * _f64(trees[c][t.path]["down"]) @ _f64(trees[c][t.path]["up"])
+            for t in a.targets
+        }
         for c, a in adapters.items()
     }
 
@@ -68,8 +75,16 @@ def lidb(tiny_params):
 def relaxed(tiny_params, lidb):
     adapters, basis, predicted, _ = lidb
     return {
-        v: relax.relax(v, tiny_params, adapters, basis, predicted, rank=LORA_RANK, alpha=LORA_ALPHA,
-                       key=jax.random.PRNGKey(6))
+        v: relax.relax(
+            v,
+            tiny_params,
+            adapters,
+            basis,
+            predicted,
+            rank=LORA_RANK,
+            alpha=LORA_ALPHA,
+            key=jax.random.PRNGKey(6),
+        )
         for v in relax.VARIANTS
     }
 
@@ -144,8 +159,8 @@ def test_svd_starts_at_the_prediction(tiny_params, lidb, relaxed, forward):
     for c, tree in r.trainable.items():
         assert tree.keys() == set(adapters[c].paths)
         for factors in tree.values():  # slots past the LiDB rank: random down, zero up
-            assert np.all(np.asarray(factors["up"][LIDB.rank:]) == 0)
-            assert np.all(np.abs(np.asarray(factors["down"][:, LIDB.rank:])) > 0)
+            assert np.all(np.asarray(factors["up"][LIDB.rank :]) == 0)
+            assert np.all(np.abs(np.asarray(factors["down"][:, LIDB.rank :])) > 0)
     ref_text, ref_unet = forward((), merged, {})
     base_text, base_unet = forward((), tiny_params, {})
     text, unet = forward(tuple(r.adapters.items()), r.frozen_params, r.trainable)
@@ -220,10 +235,16 @@ def test_fold_is_exact(variant, tiny_params, lidb, relaxed, ran, forward, tmp_pa
 def test_svd_of_a_zero_prediction_is_the_lora_init(tiny_params, lidb):
     adapters, basis, predicted, _ = lidb
     text = {"text_encoder": adapters["text_encoder"]}
-    zero = {"text_encoder": {p: {"a_train": f["a_train"], "b_train": jnp.zeros_like(f["b_train"])}
-                             for p, f in predicted["text_encoder"].items()}}
-    svd, fresh = (relax.relax(v, tiny_params, text, basis, zero, rank=LORA_RANK, key=jax.random.PRNGKey(8))
-                  for v in ("svd", "fresh"))
+    zero = {
+        "text_encoder": {
+            p: {"a_train": f["a_train"], "b_train": jnp.zeros_like(f["b_train"])}
+            for p, f in predicted["text_encoder"].items()
+        }
+    }
+    svd, fresh = (
+        relax.relax(v, tiny_params, text, basis, zero, rank=LORA_RANK, key=jax.random.PRNGKey(8))
+        for v in ("svd", "fresh")
+    )
     for got, want in zip(*(jax.tree_util.tree_leaves(r.trainable) for r in (svd, fresh))):
         np.testing.assert_array_equal(got, want)  # no dead slot: every down column stays random
 
@@ -246,8 +267,12 @@ def test_augment_flips_and_shifts_with_edge_padding(image):
     pad = ((SHIFT, SHIFT), (SHIFT, SHIFT), (0, 0))
     padded = [np.pad(im, pad, mode="edge") for im in (source, source[:, ::-1])]
     size, offsets = source.shape[0], range(-SHIFT, SHIFT + 1)
-    candidates = {(f, dy, dx): p[SHIFT - dy:SHIFT - dy + size, SHIFT - dx:SHIFT - dx + size]
-                  for f, p in enumerate(padded) for dy in offsets for dx in offsets}
+    candidates = {
+        (f, dy, dx): p[SHIFT - dy : SHIFT - dy + size, SHIFT - dx : SHIFT - dx + size]
+        for f, p in enumerate(padded)
+        for dy in offsets
+        for dx in offsets
+    }
     seen = set()
     for view in views:
         matches = [k for k, c in candidates.items() if np.array_equal(view, c)]

@@ -44,9 +44,25 @@ def cli_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     out = tmp / "samples"
     cmd = [
-        sys.executable, "-m", "hdb_jax.sample", "--model", "tiny",
-        "--prompt", "a photo of sks face", "--prompt", "a dog", "--seeds", "0,1",
-        "--scheduler", "dpm++", "--steps", "2", "--guidance", "3", "--out", str(out),
+        sys.executable,
+        "-m",
+        "hdb_jax.sample",
+        "--model",
+        "tiny",
+        "--prompt",
+        "a photo of sks face",
+        "--prompt",
+        "a dog",
+        "--seeds",
+        "0,1",
+        "--scheduler",
+        "dpm++",
+        "--steps",
+        "2",
+        "--guidance",
+        "3",
+        "--out",
+        str(out),
     ]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
@@ -164,7 +180,9 @@ def test_matches_torch_diffusers_scheduler(tiny_sd, scheduler):
 def test_seeds_determinism_and_batch_independence(tiny_sd, tiny_params, ids):
     cond, uncond = ids
     # Two batch shapes below (3 and 1): two traces at most, however often and with whatever values.
-    fn = S.make_sampler(tiny_sd, num_steps=STEPS, guidance_scale=G, wrap=functools.partial(chex.assert_max_traces, n=2))
+    fn = S.make_sampler(
+        tiny_sd, num_steps=STEPS, guidance_scale=G, wrap=functools.partial(chex.assert_max_traces, n=2)
+    )
     batch = np.asarray(fn(tiny_params, cond, uncond, S.initial_latents(tiny_sd, [0, 1, 2])))
     assert batch.shape == (3, 32, 32, 3) and -1 <= batch.min() < batch.max() <= 1
     again = np.asarray(fn(tiny_params, cond, uncond, S.initial_latents(tiny_sd, [0, 1, 2])))
@@ -241,23 +259,50 @@ def test_cli_weights_lidb_and_lora(tiny_sd, tiny_params, tmp_path, monkeypatch):
     def create(kind, component, pattern):
         return A.Adapter.create(kind, tiny_params[component], [A.PATTERNS[pattern]], component)
 
-    adapters = {"unet": create(A.LiDB(a=16, b=8, rank=2), "unet", "unet_attention"),
-                "text_encoder": create(A.LoRA(rank=2), "text_encoder", "text_attention")}
+    adapters = {
+        "unet": create(A.LiDB(a=16, b=8, rank=2), "unet", "unet_attention"),
+        "text_encoder": create(A.LoRA(rank=2), "text_encoder", "text_attention"),
+    }
     keys = iter(jax.random.split(jax.random.PRNGKey(2), 1000))
     noise = lambda p: 0.3 * jax.random.normal(next(keys), p.shape)  # noqa: E731
     trainable = {c: jax.tree_util.tree_map(noise, a.init(next(keys))) for c, a in adapters.items()}
     bases = adapters["unet"].basis(jax.random.PRNGKey(3))
     basis_file = tmp_path / "basis.safetensors"
-    digest = basis_io.save_basis(basis_file, {f"unet.{p}": {k: np.asarray(v) for k, v in f.items()}
-                                              for p, f in bases.items()})
-    weights = personal.save_personal(tmp_path / "me.safetensors", adapters, trainable,
-                                   base_fingerprint=params_fingerprint(tiny_params), basis_hash=digest)
+    digest = basis_io.save_basis(
+        basis_file, {f"unet.{p}": {k: np.asarray(v) for k, v in f.items()} for p, f in bases.items()}
+    )
+    weights = personal.save_personal(
+        tmp_path / "me.safetensors",
+        adapters,
+        trainable,
+        base_fingerprint=params_fingerprint(tiny_params),
+        basis_hash=digest,
+    )
 
     monkeypatch.setattr(S, "load_model", lambda source: (tiny_sd, tiny_params))
     out = tmp_path / "out"
-    S.main(["--model", "tiny", "--prompt", PROMPTS[0], "--seeds", "0,1,2", "--steps", str(STEPS),
-            "--guidance", str(G), "--batch-size", "3", "--weights", str(weights), "--basis", str(basis_file),
-            "--out", str(out)])
+    S.main(
+        [
+            "--model",
+            "tiny",
+            "--prompt",
+            PROMPTS[0],
+            "--seeds",
+            "0,1,2",
+            "--steps",
+            str(STEPS),
+            "--guidance",
+            str(G),
+            "--batch-size",
+            "3",
+            "--weights",
+            str(weights),
+            "--basis",
+            str(basis_file),
+            "--out",
+            str(out),
+        ]
+    )
     written = np.stack([np.asarray(Image.open(out / f"p0_s{s}.png")) for s in range(3)])
 
     loaded = personal.load_for_model(weights, tiny_params, basis_file)

@@ -19,7 +19,9 @@ def test_sd15_component_sizes(sd15_abstract):
 
 
 def test_sd15_adapter_counts(sd15_abstract):
-    rows = {r.label.split(":")[0] + ":" + r.label.split(":")[1]: r for r in table.standard_rows(sd15_abstract)}
+    rows = {
+        r.label.split(":")[0] + ":" + r.label.split(":")[1]: r for r in table.standard_rows(sd15_abstract)
+    }
     lidb = rows["LiDB a=100 b=50 r=1: UNet + text attention"]
     assert (lidb.matrices, lidb.variables, lidb.bytes_f32) == (176, 26_400, 105_600)
     lidb_mlp = rows["LiDB: UNet + text attention + text MLP"]

@@ -76,20 +76,31 @@ def test_torch_free_loader_matches_pytorch(tmp_path):
     np.savez(tmp_path / "inputs.npz", **inputs)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     subprocess.run(
-        [sys.executable, "-c", _FLAX_SIDE, str(tmp_path / "model"), str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")],
+        [
+            sys.executable,
+            "-c",
+            _FLAX_SIDE,
+            str(tmp_path / "model"),
+            str(tmp_path / "inputs.npz"),
+            str(tmp_path / "out.npz"),
+        ],
         check=True,
         env=env,
     )
     flax_out = np.load(tmp_path / "out.npz")
 
     ids = tokenizer(
-        ["a photo of sks face", "a painting of a face"], padding="max_length", max_length=77, return_tensors="np"
+        ["a photo of sks face", "a painting of a face"],
+        padding="max_length",
+        max_length=77,
+        return_tensors="np",
     )["input_ids"]
     np.testing.assert_array_equal(flax_out["ids"], ids)
     with torch.no_grad():
         ref_text = text(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
         ref_unet = unet(
-            torch.from_numpy(inputs["latents"]), torch.from_numpy(inputs["timesteps"]).long(),
+            torch.from_numpy(inputs["latents"]),
+            torch.from_numpy(inputs["timesteps"]).long(),
             torch.from_numpy(inputs["context"]),
         ).sample.numpy()
         scaling = configs["vae"]["scaling_factor"]
@@ -143,13 +154,17 @@ def test_bad_model_directories_are_named(written_model, tmp_path):
         loading.load_pretrained(no_tok)
 
     pickled = _copy(written_model, tmp_path / "pickled")
-    (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(pickled / "unet" / "diffusion_pytorch_model.bin")
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(
+        pickled / "unet" / "diffusion_pytorch_model.bin"
+    )
     with pytest.raises(loading.ModelLoadError, match=r"pickled/unet: found only PyTorch pickle weights"):
         loading.load_pretrained(pickled)
 
     corrupt = _copy(written_model, tmp_path / "corrupt")
     (corrupt / "text_encoder" / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(loading.ModelLoadError, match=r"corrupt/text_encoder/model.safetensors: not a readable"):
+    with pytest.raises(
+        loading.ModelLoadError, match=r"corrupt/text_encoder/model.safetensors: not a readable"
+    ):
         loading.load_pretrained(corrupt)
 
 
@@ -159,10 +174,15 @@ def test_weights_of_another_base_model_are_refused(written_model, tmp_path):
 
     other = tmp_path / "other"
     tokenizer = vocab.tiny_tokenizer()
-    _write_pytorch_model(other, tiny_lib.tiny_configs(resolution=32, unet_channels=(32, 96), tokenizer=tokenizer), tokenizer)
+    _write_pytorch_model(
+        other, tiny_lib.tiny_configs(resolution=32, unet_channels=(32, 96), tokenizer=tokenizer), tokenizer
+    )
     mixed = _copy(written_model, tmp_path / "mixed")
     (mixed / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(
         (other / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     )
-    with pytest.raises(loading.ModelLoadError, match=r"mixed/unet/diffusion_pytorch_model.safetensors: weights do not fit the unet config: .*wrong shape.*another base model"):
+    with pytest.raises(
+        loading.ModelLoadError,
+        match=r"mixed/unet/diffusion_pytorch_model.safetensors: weights do not fit the unet config: .*wrong shape.*another base model",
+    ):
         loading.load_pretrained(mixed)

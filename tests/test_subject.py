@@ -16,14 +16,24 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 def _cli(workdir, model_dir, kind, steps, *extra, wait=True):
     args = [
-        sys.executable, "-m", "hdb_jax.train", f"--config=configs/subject.py:tiny,adapter={kind}",
-        f"--config.workdir={workdir}", f"--config.model.source={model_dir}", f"--config.steps={steps}",
-        "--config.checkpoint_every=3", "--config.log_every=1", "--config.export.lora=False",
-        "--config.export.sample_prompts=()", *extra,
+        sys.executable,
+        "-m",
+        "hdb_jax.train",
+        f"--config=configs/subject.py:tiny,adapter={kind}",
+        f"--config.workdir={workdir}",
+        f"--config.model.source={model_dir}",
+        f"--config.steps={steps}",
+        "--config.checkpoint_every=3",
+        "--config.log_every=1",
+        "--config.export.lora=False",
+        "--config.export.sample_prompts=()",
+        *extra,
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if not wait:
-        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
@@ -74,8 +84,15 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
 
     # The interrupted run exported nothing; the resumed one exports everything.
     assert not (tmp_path / "interrupted" / "personal.safetensors").exists()
-    out = _cli(tmp_path / "interrupted", tiny_model_dir, "lidb", steps, "--config.export.lora=True",
-               "--config.export.sample_prompts=('a sks face',)", "--config.export.sample_steps=2")
+    out = _cli(
+        tmp_path / "interrupted",
+        tiny_model_dir,
+        "lidb",
+        steps,
+        "--config.export.lora=True",
+        "--config.export.sample_prompts=('a sks face',)",
+        "--config.export.sample_steps=2",
+    )
     assert f"at step {stopped}" in out
     step_a, a = _final_trainable(tmp_path / "straight")
     step_b, b = _final_trainable(tmp_path / "interrupted")

@@ -21,12 +21,16 @@ def test_two_point_sweep_resumes_and_plots(tmp_path):
     files = sorted((tmp_path / "relax" / "points").glob("*.json"))
     stamps = [f.stat().st_mtime_ns for f in files]
     second = sweep.run(config)
-    assert second["computed_now"] == 0 and [f.stat().st_mtime_ns for f in files] == stamps  # nothing recomputed
+    assert (
+        second["computed_now"] == 0 and [f.stat().st_mtime_ns for f in files] == stamps
+    )  # nothing recomputed
     saved = json.loads((tmp_path / "relax" / "sweep.json").read_text())
     assert saved["series"]["identity"] == ["rank=2, variant=fresh"]  # one series per setting besides x
     for metric in sweep.METRICS:
         png = np.asarray(Image.open(tmp_path / "relax" / f"{metric}.png"))
         assert png.ndim == 3 and png.shape[0] > 100
     point = saved["points"][1]
-    assert -1 <= point["identity"]["ci95"][0] <= point["identity"]["mean"] <= point["identity"]["ci95"][1] <= 1
+    assert (
+        -1 <= point["identity"]["ci95"][0] <= point["identity"]["mean"] <= point["identity"]["ci95"][1] <= 1
+    )
     assert "| point | identity |" in (tmp_path / "relax" / "summary.md").read_text()

@@ -1,4 +1,5 @@
 """Tests for the procedural synthetic faces source."""
+
 import dataclasses
 import os
 
@@ -55,8 +56,9 @@ def test_attribute_frequencies_roughly_match():
 def test_same_identity_closer_than_different_identities():
     # Fixed background so the comparison is about the face, not the backdrop.
     n_ids, n_var = 8, 4
-    imgs = np.stack([[_small(_render(i, k, background="gray")) for k in range(n_var)]
-                     for i in range(n_ids)])  # [ids, variants, 8, 8, 3]
+    imgs = np.stack(
+        [[_small(_render(i, k, background="gray")) for k in range(n_var)] for i in range(n_ids)]
+    )  # [ids, variants, 8, 8, 3]
     flat = imgs.reshape(n_ids, n_var, -1)
     dist = np.linalg.norm(flat[:, :, None, None] - flat[None, None], axis=-1)
     dist = dist.transpose(0, 2, 1, 3)  # [id_a, id_b, var_a, var_b]
@@ -137,16 +139,18 @@ def test_caption_token_and_class_word():
 
 
 def test_source_items():
-    src = S.SyntheticFaces(identities=[3, 9], images_per_identity=3, resolution=32,
-                           styles=("photo", "cartoon"), token="sks")
+    src = S.SyntheticFaces(
+        identities=[3, 9], images_per_identity=3, resolution=32, styles=("photo", "cartoon"), token="sks"
+    )
     assert len(src) == 6
     ex = src[4]
     assert (ex["identity"], ex["index"]) == (9, 1)
     assert ex["image"].shape == (32, 32, 3) and ex["image"].dtype == np.uint8
     assert ex["caption"].startswith("a cartoon of sks face")
     assert src[-1]["index"] == 2 and src[0]["caption"].startswith("a photo of sks face")
-    assert np.array_equal(src[4]["image"], S.SyntheticFaces([3, 9], 3, 32, styles=(
-        "photo", "cartoon"))[4]["image"])
+    assert np.array_equal(
+        src[4]["image"], S.SyntheticFaces([3, 9], 3, 32, styles=("photo", "cartoon"))[4]["image"]
+    )
     with pytest.raises(IndexError):
         src[6]
     assert "caption" not in S.SyntheticFaces([1], 1, 32, with_captions=False)[0]

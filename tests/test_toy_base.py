@@ -46,29 +46,54 @@ def test_recipe_lowers_its_loss_and_resumes(tmp_path):
 def shipped():
     sd, params = loading.load_pretrained(base_model_dir())  # the loader real SD 1.5 goes through
     names = [k for k in PROMPTS for _ in SEEDS]
-    images = sample.sample(sd, params, [PROMPTS[k] for k in names], SEEDS * len(PROMPTS), num_steps=20,
-                           guidance_scale=3.0, batch_size=len(SEEDS), progress=False)
-    by_prompt = {k: images[i * len(SEEDS):(i + 1) * len(SEEDS)] for i, k in enumerate(PROMPTS)}
+    images = sample.sample(
+        sd,
+        params,
+        [PROMPTS[k] for k in names],
+        SEEDS * len(PROMPTS),
+        num_steps=20,
+        guidance_scale=3.0,
+        batch_size=len(SEEDS),
+        progress=False,
+    )
+    by_prompt = {k: images[i * len(SEEDS) : (i + 1) * len(SEEDS)] for i, k in enumerate(PROMPTS)}
     return sd, by_prompt
 
 
 def test_shipped_model_files_and_card():
     root = base_model_dir()
-    for name in ("model_index.json", "MODEL_CARD.md", "samples.png", "unet/diffusion_flax_model.msgpack",
-                 "vae/diffusion_flax_model.msgpack", "text_encoder/flax_model.msgpack", "tokenizer/vocab.json",
-                 "scheduler/scheduler_config.json"):
+    for name in (
+        "model_index.json",
+        "MODEL_CARD.md",
+        "samples.png",
+        "unet/diffusion_flax_model.msgpack",
+        "vae/diffusion_flax_model.msgpack",
+        "text_encoder/flax_model.msgpack",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+    ):
         assert (root / name).is_file(), name
     card = (root / "MODEL_CARD.md").read_text()
-    assert "python -m hdb_jax.train --config configs/base_toy.py" in card and "Held-out denoising loss" in card
+    assert (
+        "python -m hdb_jax.train --config configs/base_toy.py" in card and "Held-out denoising loss" in card
+    )
     assert sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) < 16 * 2**20  # "a few MB"
 
 
 def _scrambled(images, block=4):
     """The same pixels in 4x4 blocks shuffled: colours of a face without its structure."""
     n, h, w, c = images.shape
-    blocks = images.reshape(n, h // block, block, w // block, block, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, -1, block, block, c)
+    blocks = (
+        images.reshape(n, h // block, block, w // block, block, c)
+        .transpose(0, 1, 3, 2, 4, 5)
+        .reshape(n, -1, block, block, c)
+    )
     blocks = blocks[:, np.random.default_rng(1).permutation(blocks.shape[1])]
-    return blocks.reshape(n, h // block, w // block, block, block, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
+    return (
+        blocks.reshape(n, h // block, w // block, block, block, c)
+        .transpose(0, 1, 3, 2, 4, 5)
+        .reshape(n, h, w, c)
+    )
 
 
 def test_samples_are_faces(shipped):
@@ -81,7 +106,11 @@ def test_samples_are_faces(shipped):
     # blocks shuffled: a face's colours without its structure). Measured on the shipped encoder:
     # faces about +0.07, non-faces about -0.10 to -0.14. A set of images counts as faces if its mean
     # similarity to the centroid is above the midpoint between the faces' and the non-faces' means.
-    gallery = np.asarray(scorer.embed(identity_lib.render(list(range(7_000_000, 7_000_200)), [0] * 200, ["photo"] * 200, 0, res)))
+    gallery = np.asarray(
+        scorer.embed(
+            identity_lib.render(list(range(7_000_000, 7_000_200)), [0] * 200, ["photo"] * 200, 0, res)
+        )
+    )
     centroid = gallery.mean(0) / np.linalg.norm(gallery.mean(0))
     score = lambda images: float(np.mean(np.asarray(scorer.embed(images)) @ centroid))  # noqa: E731
     real = identity_lib.render(list(range(7_100_000, 7_100_016)), [1] * 16, ["photo"] * 16, 0, res)
@@ -97,8 +126,15 @@ def test_samples_are_faces(shipped):
 
 def _border(images):
     x = images.astype(np.float32) / 255.0
-    ring = np.concatenate([x[:, :2].reshape(len(x), -1, 3), x[:, -2:].reshape(len(x), -1, 3),
-                           x[:, :, :2].reshape(len(x), -1, 3), x[:, :, -2:].reshape(len(x), -1, 3)], axis=1)
+    ring = np.concatenate(
+        [
+            x[:, :2].reshape(len(x), -1, 3),
+            x[:, -2:].reshape(len(x), -1, 3),
+            x[:, :, :2].reshape(len(x), -1, 3),
+            x[:, :, -2:].reshape(len(x), -1, 3),
+        ],
+        axis=1,
+    )
     return ring.mean(axis=1)  # [N, 3] mean colour of the 2-pixel border
 
 
@@ -137,13 +173,25 @@ def test_shipped_record_is_reproduced_by_the_recipe_code():
     from hdb_jax import diffusion
 
     record = json.loads((base_model_dir() / "training.json").read_text())
-    for key in ("heldout_loss", "precision", "recall", "non_face_fraction", "modifiers", "render_rates", "vae_heldout_psnr"):
+    for key in (
+        "heldout_loss",
+        "precision",
+        "recall",
+        "non_face_fraction",
+        "modifiers",
+        "render_rates",
+        "vae_heldout_psnr",
+    ):
         assert key in record, key
     assert set(record["modifiers"]) == set(record["render_rates"]) and len(record["modifiers"]) >= 15
     config = load_config("base_toy")
-    config.update_from_flattened_dict({"data.heldout_identities": record["config"]["data"]["heldout_identities"]})
+    config.update_from_flattened_dict(
+        {"data.heldout_identities": record["config"]["data"]["heldout_identities"]}
+    )
     sd, params = loading.load_pretrained(base_model_dir())
     pixels, ids = base.heldout_set(config, sd)
-    loss = diffusion.make_heldout_loss(sd, 8)(params, jnp.asarray(pixels), jnp.asarray(ids), jax.random.PRNGKey(config.seed + 1))
+    loss = diffusion.make_heldout_loss(sd, 8)(
+        params, jnp.asarray(pixels), jnp.asarray(ids), jax.random.PRNGKey(config.seed + 1)
+    )
     # The recorded figure is the recipe's own evaluation of these very (float16) weights.
     assert float(loss) == pytest.approx(record["heldout_loss"], rel=1e-4)

@@ -23,7 +23,9 @@ def test_train_step_traces_once_and_keeps_base_frozen(tiny_sd, tiny_params):
     trainable = {c: a.init(jax.random.PRNGKey(0)) for c, a in adapters.items()}
     basis = {c: a.basis(jax.random.PRNGKey(1)) for c, a in adapters.items()}
     optimizer = build.optimizer(config.optim, config.steps)
-    step = subject.make_train_step(tiny_sd, adapters, optimizer, wrap=functools.partial(chex.assert_max_traces, n=1))
+    step = subject.make_train_step(
+        tiny_sd, adapters, optimizer, wrap=functools.partial(chex.assert_max_traces, n=1)
+    )
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
     frozen = {"params": tiny_params, "basis": basis}
     images = jax.random.uniform(jax.random.PRNGKey(2), (2, 32, 32, 3), minval=-1, maxval=1)
@@ -49,8 +51,11 @@ def test_prior_preservation_batch_weights():
     rng = np.random.default_rng(0)
     data = subject.SubjectData(
         images=rng.uniform(-1, 1, (3, 8, 8, 3)).astype(np.float32),
-        input_ids=np.arange(5), class_images=rng.uniform(-1, 1, (6, 8, 8, 3)).astype(np.float32),
-        class_ids=np.arange(5, 10), prior_weight=0.5, flip=True,
+        input_ids=np.arange(5),
+        class_images=rng.uniform(-1, 1, (6, 8, 8, 3)).astype(np.float32),
+        class_ids=np.arange(5, 10),
+        prior_weight=0.5,
+        flip=True,
     )
     batch = data.batch(seed=0, step=4, batch_size=4)
     assert batch["images"].shape == (8, 8, 8, 3)
@@ -65,8 +70,17 @@ def test_prior_preservation_batch_weights():
 
 def test_unknown_config_key_is_named():
     proc = subprocess.run(
-        [sys.executable, "-m", "hdb_jax.train", "--config", "configs/subject.py:tiny", "--config.optim.lerning_rate=1"],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "hdb_jax.train",
+            "--config",
+            "configs/subject.py:tiny",
+            "--config.optim.lerning_rate=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.returncode != 0 and "lerning_rate" in proc.stderr
 

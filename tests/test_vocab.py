@@ -55,7 +55,7 @@ def test_sentence_ids_and_padding(tokenizer, built):
     assert len(padded) == 77
     assert padded[: len(ids)] == ids
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
-    assert set(padded[len(ids):]) == {tokenizer.eos_token_id}
+    assert set(padded[len(ids) :]) == {tokenizer.eos_token_id}
     # Uppercase and punctuation are normalised/split like CLIP does.
     assert tokenizer("A Photo, of SKS face.").input_ids[1:3] == ids[1:3]
 
@@ -111,9 +111,7 @@ def test_save_pretrained_round_trip(tmp_path, tokenizer):
     assert loaded.bos_token == BOS_TOKEN
     texts = ["a photo of sks face", "an oil painting of sks person by van gogh", "zyxwv"]
     for text in texts:
-        assert loaded(text, padding="max_length").input_ids == tokenizer(
-            text, padding="max_length"
-        ).input_ids
+        assert loaded(text, padding="max_length").input_ids == tokenizer(text, padding="max_length").input_ids
     # A second, explicitly-directed build gives the same ids too.
     again = tiny_tokenizer(tmp_path / "again")
     assert again(texts).input_ids == tokenizer(texts).input_ids
@@ -129,7 +127,11 @@ def test_hand_derived_tiny_case():
     vocab, merges = build_bpe(["ab", "ab", "abc"])
     assert merges == [("a", "b</w>"), ("a", "b"), ("ab", "c</w>")]
     assert [t for t, i in vocab.items() if 512 <= i] == [
-        "ab</w>", "ab", "abc</w>", BOS_TOKEN, EOS_TOKEN,
+        "ab</w>",
+        "ab",
+        "abc</w>",
+        BOS_TOKEN,
+        EOS_TOKEN,
     ]
     # num_merges caps training.
     assert build_bpe(["ab", "ab", "abc"], num_merges=1)[1] == merges[:1]

@@ -85,7 +85,9 @@ def describe(meta: Mapping[str, str]) -> str:
     return json.dumps({k: meta[k] for k in sorted(meta)})
 
 
-def load_or_create(filename: str | os.PathLike, adapters: Mapping[str, Any], key, **metadata) -> tuple[dict, str]:
+def load_or_create(
+    filename: str | os.PathLike, adapters: Mapping[str, Any], key, **metadata
+) -> tuple[dict, str]:
     """The LiDB bases of every component, read from ``filename`` or generated once into it.
 
     One file holds every component, keyed ``{component}.{module_path}/{factor}``. Generating

@@ -167,7 +167,11 @@ class Adapter:
 
 @contextlib.contextmanager
 def attach_all(
-    adapters: Mapping[str, Adapter], trainable: Mapping[str, Tree], frozen: Mapping[str, Tree], *, per_sample: bool = False
+    adapters: Mapping[str, Adapter],
+    trainable: Mapping[str, Tree],
+    frozen: Mapping[str, Tree],
+    *,
+    per_sample: bool = False,
 ):
     """Attaches every component's adapter at once (trees keyed by component name)."""
     with contextlib.ExitStack() as stack:

@@ -47,7 +47,12 @@ def standard_rows(abstract: Mapping[str, Any], lidb: LiDB | None = None) -> list
     text_attn = [("text_encoder", "text_attention")]
     text_mlp = [("text_encoder", "text_mlp")]
     rows = [
-        count(abstract, lidb, unet_attn + text_attn, f"LiDB a={lidb.a} b={lidb.b} r={lidb.rank}: UNet + text attention"),
+        count(
+            abstract,
+            lidb,
+            unet_attn + text_attn,
+            f"LiDB a={lidb.a} b={lidb.b} r={lidb.rank}: UNet + text attention",
+        ),
         count(abstract, lidb, unet_attn + text_attn + text_mlp, "LiDB: UNet + text attention + text MLP"),
         count(abstract, LoRA(rank=1), unet_attn, "LoRA per unit rank: UNet attention"),
     ]

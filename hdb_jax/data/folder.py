@@ -7,6 +7,7 @@ are found up front, keeps the good images in memory and reports the rest in a si
 :class:`BadImagesWarning`; training then never meets a bad file. Its
 :meth:`ImageFolder.batches` yields the same layout as ``SyntheticFaces.batches``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -144,13 +145,17 @@ def center_square(img: Image.Image, resolution: int) -> Image.Image:
     return img
 
 
-def _decode(data: bytes, path: str, resolution: int, min_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def _decode(
+    data: bytes, path: str, resolution: int, min_size: int, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
     """Decodes file bytes to uint8 [resolution, resolution, 3] or raises BadImageError."""
     if not data:
         raise BadImageError(path, CORRUPT, "empty file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own guard, from the header
+            warnings.simplefilter(
+                "error", Image.DecompressionBombWarning
+            )  # Pillow's own guard, from the header
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(path, TOO_LARGE, str(e)) from None
@@ -178,7 +183,9 @@ def _decode(data: bytes, path: str, resolution: int, min_size: int, max_pixels: 
     return np.ascontiguousarray(out)  # [resolution, resolution, 3]
 
 
-def load_image(path: str, resolution: int, *, min_size: int = MIN_SIZE, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image(
+    path: str, resolution: int, *, min_size: int = MIN_SIZE, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
     """Loads one image as a square, RGB, uint8 array.
 
     Applies the EXIF orientation, converts the colour layout with :func:`to_rgb8`,
@@ -230,6 +237,7 @@ class ImageFolder:
       paths: (after construction) the loaded files, in index order.
       skipped: (after construction) (path, reason, detail) of every skipped file.
     """
+
     directory: str
     resolution: int = 512
     min_size: int = MIN_SIZE
@@ -258,17 +266,23 @@ class ImageFolder:
             self._images.append(image)
         if self.skipped:
             lines = [f"  {p}: {r}" + (f" ({d})" if d else "") for p, r, d in self.skipped]
-            warnings.warn(BadImagesWarning(
-                f"skipped {len(self.skipped)} of {len(self.skipped) + len(self.paths)} files in "
-                f"{self.directory!r}:\n" + "\n".join(lines)), stacklevel=3)
+            warnings.warn(
+                BadImagesWarning(
+                    f"skipped {len(self.skipped)} of {len(self.skipped) + len(self.paths)} files in "
+                    f"{self.directory!r}:\n" + "\n".join(lines)
+                ),
+                stacklevel=3,
+            )
         if not self._images:
             counts = {}
             for _, reason, _ in self.skipped:
                 counts[reason] = counts.get(reason, 0) + 1
             found = ", ".join(f"{n} {r}" for r, n in sorted(counts.items())) or "no files"
-            raise NoImagesError(f"no usable images in {self.directory!r} ({found}); "
-                                f"expected {', '.join(IMAGE_EXTENSIONS)} files with a short side "
-                                f">= {self.min_size} px")
+            raise NoImagesError(
+                f"no usable images in {self.directory!r} ({found}); "
+                f"expected {', '.join(IMAGE_EXTENSIONS)} files with a short side "
+                f">= {self.min_size} px"
+            )
 
     def __len__(self) -> int:
         return len(self._images)
@@ -297,14 +311,14 @@ class ImageFolder:
         images = np.stack([self._images[i] for i in order])  # [B, H, W, 3] uint8
         if flips.any():
             images[flips] = images[flips, :, ::-1]
-        batch = dict(image=to_unit_range(images),
-                     index=np.asarray(order, np.int32))
+        batch = dict(image=to_unit_range(images), index=np.asarray(order, np.int32))
         if self.caption is not None:
             batch["caption"] = [self.caption] * len(order)
         return batch
 
-    def batches(self, batch_size: int, *, seed: int, epoch: int = 0, shuffle: bool = True,
-                repeat: bool = False) -> Iterator[dict]:
+    def batches(
+        self, batch_size: int, *, seed: int, epoch: int = 0, shuffle: bool = True, repeat: bool = False
+    ) -> Iterator[dict]:
         """Iterates over the images in full batches.
 
         One epoch is ``ceil(len / batch_size)`` batches that show every image at least
@@ -331,7 +345,7 @@ class ImageFolder:
             slots = -(-n // batch_size) * batch_size
             order, flips = self._epoch(seed, epoch, shuffle, slots)
             for start in range(0, slots, batch_size):
-                yield self._batch(order[start:start + batch_size], flips[start:start + batch_size])
+                yield self._batch(order[start : start + batch_size], flips[start : start + batch_size])
             return
         pending_order = np.zeros(0, np.int64)
         pending_flips = np.zeros(0, bool)

@@ -37,8 +37,9 @@ class SyntheticIdentities:
     def views(self, identity: int, indices: Sequence[int] | None = None) -> np.ndarray:
         """uint8 ``[V, H, W, 3]``: renders ``indices`` (default ``0 .. views - 1``) of ``identity``."""
         indices = list(range(self.views_per_identity)) if indices is None else list(indices)
-        return synthetic.render_batch([identity] * len(indices), indices, [self.style] * len(indices), self.seed,
-                                      self.resolution)
+        return synthetic.render_batch(
+            [identity] * len(indices), indices, [self.style] * len(indices), self.seed, self.resolution
+        )
 
     def source_name(self, identity: int) -> str:
         return f"synthetic:{identity}"
@@ -82,16 +83,24 @@ class FolderIdentities:
       min_size: smallest accepted short side of a photo.
     """
 
-    def __init__(self, directory: str, resolution: int, *, min_views: int = 1, min_size: int = folder_lib.MIN_SIZE):
+    def __init__(
+        self, directory: str, resolution: int, *, min_views: int = 1, min_size: int = folder_lib.MIN_SIZE
+    ):
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"identities folder not found: {directory!r}")
         self.directory, self._views, self.skipped = directory, {}, []
-        names = sorted(n for n in os.listdir(directory) if not n.startswith(".") and os.path.isdir(os.path.join(directory, n)))
+        names = sorted(
+            n
+            for n in os.listdir(directory)
+            if not n.startswith(".") and os.path.isdir(os.path.join(directory, n))
+        )
         for name in names:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", folder_lib.BadImagesWarning)
                 try:
-                    photos = folder_lib.ImageFolder(os.path.join(directory, name), resolution=resolution, min_size=min_size)
+                    photos = folder_lib.ImageFolder(
+                        os.path.join(directory, name), resolution=resolution, min_size=min_size
+                    )
                 except folder_lib.NoImagesError as err:
                     self.skipped.append((name, str(err)))
                     continue
@@ -101,8 +110,12 @@ class FolderIdentities:
                 continue
             self._views[name] = np.stack([photos[i]["image"] for i in range(len(photos))])
         if self.skipped:
-            warnings.warn(folder_lib.BadImagesWarning(
-                f"{directory!r}: " + "; ".join(f"{n}: {why}" for n, why in self.skipped)), stacklevel=2)
+            warnings.warn(
+                folder_lib.BadImagesWarning(
+                    f"{directory!r}: " + "; ".join(f"{n}: {why}" for n, why in self.skipped)
+                ),
+                stacklevel=2,
+            )
         if not self._views:
             raise folder_lib.NoImagesError(f"no usable identity sub-folders in {directory!r}")
 
@@ -142,11 +155,16 @@ def from_config(data: Any, resolution: int, identities: Sequence[Any] | None = N
     source = data["source"]
     if source == "synthetic":
         ids = data["identities"] if identities is None else identities
-        return SyntheticIdentities(tuple(int(i) for i in ids), int(data["images_per_identity"]), resolution,
-                                   int(data["seed"]))
+        return SyntheticIdentities(
+            tuple(int(i) for i in ids), int(data["images_per_identity"]), resolution, int(data["seed"])
+        )
     if source == "folder":
-        found = FolderIdentities(data["folder"], resolution, min_views=int(data.get("min_views", 1) or 1),
-                                 min_size=int(data.get("min_size", folder_lib.MIN_SIZE) or folder_lib.MIN_SIZE))
+        found = FolderIdentities(
+            data["folder"],
+            resolution,
+            min_views=int(data.get("min_views", 1) or 1),
+            min_size=int(data.get("min_size", folder_lib.MIN_SIZE) or folder_lib.MIN_SIZE),
+        )
         return found if identities is None else _subset(found, identities)
     if source == "tfds":
         from hdb_jax.data import tfds_source

@@ -20,15 +20,20 @@ if TYPE_CHECKING:
     from hdb_jax.data.synthetic import FaceIdentity, Variation
 
 BACKGROUNDS = {  # name -> RGB in [0, 1]; names appear verbatim in captions.
-    "red": (0.80, 0.20, 0.20), "green": (0.25, 0.62, 0.30),
-    "blue": (0.22, 0.40, 0.80), "yellow": (0.95, 0.85, 0.25),
-    "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.09),
-    "gray": (0.55, 0.55, 0.55), "purple": (0.52, 0.30, 0.68),
-    "orange": (0.95, 0.55, 0.15), "pink": (0.95, 0.62, 0.75),
+    "red": (0.80, 0.20, 0.20),
+    "green": (0.25, 0.62, 0.30),
+    "blue": (0.22, 0.40, 0.80),
+    "yellow": (0.95, 0.85, 0.25),
+    "white": (0.95, 0.95, 0.95),
+    "black": (0.08, 0.08, 0.09),
+    "gray": (0.55, 0.55, 0.55),
+    "purple": (0.52, 0.30, 0.68),
+    "orange": (0.95, 0.55, 0.15),
+    "pink": (0.95, 0.62, 0.75),
     "brown": (0.50, 0.32, 0.18),
 }
 HAIR_SHORT, HAIR_LONG, HAIR_BALD = 0, 1, 2
-_FACE_H = 0.5    # half-height of the face ellipse, image units at scale 1
+_FACE_H = 0.5  # half-height of the face ellipse, image units at scale 1
 _HEAD_Y = -0.02  # vertical position of the face centre in the image
 _GOLD = (0.95, 0.78, 0.22)
 
@@ -44,7 +49,7 @@ def _ellipse(u, v, cx, cy, rx, ry):
     du, dv = (u - cx) / rx, (v - cy) / ry
     k = np.hypot(du, dv)
     grad = np.hypot(du / rx, dv / ry) / np.maximum(k, 1e-12)  # |grad k|
-    return (k - 1) / np.maximum(grad, 1 / max(rx, ry))        # first-order distance
+    return (k - 1) / np.maximum(grad, 1 / max(rx, ry))  # first-order distance
 
 
 def _box(u, v, cx, cy, hw, hh, r=0.0):
@@ -91,8 +96,11 @@ class _Canvas:
         self.style = var.style
         self.img = np.empty((resolution, resolution, 3), np.float32)
         self.img[:] = (0.97,) * 3 if var.style == "sketch" else BACKGROUNDS[var.background]
-        self.line_width = {"photo": 0.0, "cartoon": max(1.2 * self.px, 0.014),
-                           "sketch": max(1.0 * self.px, 0.01)}[var.style]
+        self.line_width = {
+            "photo": 0.0,
+            "cartoon": max(1.2 * self.px, 0.014),
+            "sketch": max(1.0 * self.px, 0.01),
+        }[var.style]
         self.ink = (0.07, 0.05, 0.05) if var.style == "cartoon" else (0.2, 0.2, 0.2)
 
     def focus(self, cx=None, cy=None, radius=None):
@@ -106,8 +114,13 @@ class _Canvas:
             fx, fy = cx * var.scale * self.squash, cy * var.scale
             centre = (c * fx - s * fy + var.tx, s * fx + c * fy + var.ty + _HEAD_Y)
             half = (radius * var.scale + self.line_width) * self.res / 2 + 2  # pixels
-            lo_hi = [(max(0, math.floor((p + 1) * self.res / 2 - half)),
-                      max(0, math.ceil((p + 1) * self.res / 2 + half))) for p in centre]
+            lo_hi = [
+                (
+                    max(0, math.floor((p + 1) * self.res / 2 - half)),
+                    max(0, math.ceil((p + 1) * self.res / 2 + half)),
+                )
+                for p in centre
+            ]
             self.win = (slice(*lo_hi[1]), slice(*lo_hi[0]))
         return self.full_u[self.win], self.full_v[self.win]
 
@@ -136,11 +149,12 @@ def _hair_behind(cv: _Canvas, ident: "FaceIdentity", a: float, b: float) -> None
     u, v = cv.focus()
     skin, hair = ident.skin, ident.hair_color
     if ident.hair_style == HAIR_LONG:
-        cv.paint(np.minimum(_ellipse(u, v, 0, -0.06, a * 1.2, b * 1.1),
-                            _box(u, v, 0, 0.35, a * 1.18, 0.45, 0.12)), _shade(hair, 0.8))
+        cv.paint(
+            np.minimum(_ellipse(u, v, 0, -0.06, a * 1.2, b * 1.1), _box(u, v, 0, 0.35, a * 1.18, 0.45, 0.12)),
+            _shade(hair, 0.8),
+        )
     elif ident.hair_style == HAIR_SHORT:
-        cv.paint(np.maximum(_ellipse(u, v, 0, -0.05, a * 1.12, b * 1.08), v + 0.02),
-                 _shade(hair, 0.85))
+        cv.paint(np.maximum(_ellipse(u, v, 0, -0.05, a * 1.12, b * 1.08), v + 0.02), _shade(hair, 0.85))
     cv.paint(_ellipse(u, v, 0, 1.2, 0.95, 0.5), ident.shirt_color)
     neck = np.maximum(_box(u, v, 0, 0.55, a * 0.42, 0.35, 0.05), v - 0.98 + 1.2 * np.abs(u))
     cv.paint(neck, _shade(skin, 0.82))
@@ -173,8 +187,7 @@ def _eyes(cv: _Canvas, ident: "FaceIdentity", var: "Variation", du: float, photo
         white = _ellipse(u, v, ex, ey, 0.07, 0.042)
         cv.paint(white, (0.96, 0.96, 0.94))
         cv.paint(np.maximum(_circle(u, v, ex + gaze, ey, 0.033), white), ident.eye_color)
-        cv.paint(np.maximum(_circle(u, v, ex + gaze, ey, 0.015), white), (0.04, 0.03, 0.03),
-                 line=False)
+        cv.paint(np.maximum(_circle(u, v, ex + gaze, ey, 0.015), white), (0.04, 0.03, 0.03), line=False)
         if photo:
             cv.paint(np.maximum(np.abs(white) - 0.007, v - ey), (0.12, 0.08, 0.07))
             cv.paint(_circle(u, v, ex + gaze + 0.012, ey - 0.012, 0.008), (1, 1, 1))
@@ -188,11 +201,16 @@ def _nose_and_mouth(cv: _Canvas, ident: "FaceIdentity", var: "Variation", du: fl
     nose_y = ey + ident.nose_length
     mouth_y = nose_y + 0.1
     u, v = cv.focus(du, (ey + mouth_y) / 2, (mouth_y - ey) / 2 + ident.mouth_width / 2 + 0.05)
-    cv.paint(_capsule(u, v, du, ey + 0.04, du * 1.3, nose_y, 0.016), _shade(skin, 0.82),
-             opacity=0.6 if photo else 1.0, line=False)
+    cv.paint(
+        _capsule(u, v, du, ey + 0.04, du * 1.3, nose_y, 0.016),
+        _shade(skin, 0.82),
+        opacity=0.6 if photo else 1.0,
+        line=False,
+    )
     for side in (-1, 1):
-        cv.paint(_ellipse(u, v, du * 1.3 + side * 0.022, nose_y, 0.013, 0.008),
-                 _shade(skin, 0.45), line=False)
+        cv.paint(
+            _ellipse(u, v, du * 1.3 + side * 0.022, nose_y, 0.013, 0.008), _shade(skin, 0.45), line=False
+        )
     vb = v + var.smile * 2.5 * (u - du) ** 2  # bends the mouth into a smile
     lips = _ellipse(u, vb, du, mouth_y, ident.mouth_width / 2, 0.026)
     cv.paint(lips, _mix(skin, (0.75, 0.22, 0.28), 0.55))
@@ -206,8 +224,9 @@ def _hair_in_front(cv: _Canvas, ident: "FaceIdentity", a: float, b: float) -> No
         hairline = -b * 0.42 + 0.06 * ident.hair_part * u / a + 0.015 * np.cos(u * 40)
         cap = np.maximum(_ellipse(u, v, 0, -0.03, a * 1.07, b * 1.05), v - hairline)
         if ident.hair_style == HAIR_LONG:
-            locks = np.maximum(_ellipse(u, v, 0, -0.03, a * 1.1, b * 1.08),
-                               np.maximum(a * 0.86 - np.abs(u), v - 0.0))
+            locks = np.maximum(
+                _ellipse(u, v, 0, -0.03, a * 1.1, b * 1.08), np.maximum(a * 0.86 - np.abs(u), v - 0.0)
+            )
             cap = np.minimum(cap, locks)
         cv.paint(cap, ident.hair_color)
 
@@ -227,8 +246,9 @@ def _hat_and_glasses(cv: _Canvas, ident: "FaceIdentity", a: float, b: float, du:
             if photo:
                 cv.paint(_circle(u, v, ex, ey, r), (1, 1, 1), opacity=0.15, line=False)
             frame = np.minimum(frame, np.abs(_circle(u, v, ex, ey, r)) - 0.011)
-            frame = np.minimum(frame, _capsule(u, v, ex + side * r, ey - 0.01,
-                                               side * a * 0.98, ey - 0.03, 0.009))
+            frame = np.minimum(
+                frame, _capsule(u, v, ex + side * r, ey - 0.01, side * a * 0.98, ey - 0.03, 0.009)
+            )
         cv.paint(frame, ident.glasses_color)
 
 

@@ -7,6 +7,7 @@ drawing style). :func:`render_face` (:mod:`hdb_jax.data.render`) rasterises the
 pair; :func:`render_batch` renders many. :func:`caption` describes an image using
 only the small fixed vocabulary :data:`VOCAB` (plus a class word and a rare token).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,35 +22,55 @@ from hdb_jax.images import to_unit_range
 
 STYLES = ("photo", "cartoon", "sketch")
 VOCAB = frozenset(
-    "a an of photo cartoon sketch face with wearing on background glasses hat "
-    "earrings and sks".split()) | frozenset(BACKGROUNDS)
+    "a an of photo cartoon sketch face with wearing on background glasses hat earrings and sks".split()
+) | frozenset(BACKGROUNDS)
 
 P_GLASSES, P_HAT, P_EARRINGS = 0.3, 0.2, 0.25
 _HAIR_STYLE_P = (0.45, 0.4, 0.15)
-_SKIN_TONES = np.array([(0.98, 0.85, 0.75), (0.93, 0.74, 0.60), (0.80, 0.58, 0.42),
-                        (0.62, 0.42, 0.28), (0.42, 0.27, 0.17)])  # light -> dark
-_HAIR_COLORS = [(0.08, 0.06, 0.05), (0.28, 0.17, 0.09), (0.48, 0.30, 0.15),
-                (0.88, 0.75, 0.42), (0.68, 0.28, 0.12), (0.70, 0.70, 0.72)]
-_EYE_COLORS = [(0.36, 0.22, 0.10), (0.25, 0.48, 0.78), (0.30, 0.55, 0.32),
-               (0.48, 0.52, 0.56), (0.55, 0.42, 0.18)]
-_ACCENTS = [(0.75, 0.15, 0.15), (0.15, 0.35, 0.70), (0.20, 0.55, 0.30),
-            (0.90, 0.75, 0.20), (0.45, 0.25, 0.60), (0.20, 0.20, 0.22),
-            (0.90, 0.90, 0.88), (0.85, 0.45, 0.15)]
+_SKIN_TONES = np.array(
+    [(0.98, 0.85, 0.75), (0.93, 0.74, 0.60), (0.80, 0.58, 0.42), (0.62, 0.42, 0.28), (0.42, 0.27, 0.17)]
+)  # light -> dark
+_HAIR_COLORS = [
+    (0.08, 0.06, 0.05),
+    (0.28, 0.17, 0.09),
+    (0.48, 0.30, 0.15),
+    (0.88, 0.75, 0.42),
+    (0.68, 0.28, 0.12),
+    (0.70, 0.70, 0.72),
+]
+_EYE_COLORS = [
+    (0.36, 0.22, 0.10),
+    (0.25, 0.48, 0.78),
+    (0.30, 0.55, 0.32),
+    (0.48, 0.52, 0.56),
+    (0.55, 0.42, 0.18),
+]
+_ACCENTS = [
+    (0.75, 0.15, 0.15),
+    (0.15, 0.35, 0.70),
+    (0.20, 0.55, 0.30),
+    (0.90, 0.75, 0.20),
+    (0.45, 0.25, 0.60),
+    (0.20, 0.20, 0.22),
+    (0.90, 0.90, 0.88),
+    (0.85, 0.45, 0.15),
+]
 Color = tuple  # (r, g, b) floats in [0, 1]
 
 
 @dataclasses.dataclass(frozen=True)
 class FaceIdentity:
     """Per-identity attributes (lengths in face units, colours RGB in [0, 1])."""
+
     identity_id: int
-    face_ratio: float   # face ellipse width / height
+    face_ratio: float  # face ellipse width / height
     skin: Color
     hair_color: Color
-    hair_style: int     # HAIR_SHORT (0), HAIR_LONG (1) or HAIR_BALD (2)
-    hair_part: float    # in [-1, 1]: tilt of the fringe
+    hair_style: int  # HAIR_SHORT (0), HAIR_LONG (1) or HAIR_BALD (2)
+    hair_part: float  # in [-1, 1]: tilt of the fringe
     eye_color: Color
     eye_spacing: float  # half distance between the eye centres
-    eye_height: float   # eye centre y relative to the face centre (< 0: up)
+    eye_height: float  # eye centre y relative to the face centre (< 0: up)
     nose_length: float
     mouth_width: float
     brow_tilt: float
@@ -64,18 +85,19 @@ class FaceIdentity:
 @dataclasses.dataclass(frozen=True)
 class Variation:
     """Per-image variation: pose, expression, lighting, background and style."""
-    tx: float           # translation, image units
+
+    tx: float  # translation, image units
     ty: float
     scale: float
-    rotation: float     # radians
-    yaw: float          # in [-1, 1]: squashes the head, shifts the features
-    smile: float        # in [0, 1]
-    gain: float         # brightness multiplier
+    rotation: float  # radians
+    yaw: float  # in [-1, 1]: squashes the head, shifts the features
+    smile: float  # in [0, 1]
+    gain: float  # brightness multiplier
     contrast: float
     light_angle: float  # direction of the light gradient, radians
     light_strength: float
-    background: str     # key of BACKGROUNDS
-    style: str          # one of STYLES
+    background: str  # key of BACKGROUNDS
+    style: str  # one of STYLES
 
 
 def _pick(rng: np.random.Generator, options: Sequence) -> tuple:
@@ -100,20 +122,30 @@ def identity(identity_id: int, seed: int = 0) -> FaceIdentity:
     skin = _SKIN_TONES[i] * (1 - (t - i)) + _SKIN_TONES[i + 1] * (t - i)
     skin = np.clip(skin + rng.uniform(-0.03, 0.03, 3), 0, 1)
     return FaceIdentity(
-        identity_id=int(identity_id), face_ratio=float(rng.uniform(0.72, 0.9)),
-        skin=tuple(float(c) for c in skin), hair_color=_pick(rng, _HAIR_COLORS),
-        hair_style=int(rng.choice(3, p=_HAIR_STYLE_P)), hair_part=float(rng.uniform(-1, 1)),
-        eye_color=_pick(rng, _EYE_COLORS), eye_spacing=float(rng.uniform(0.15, 0.2)),
-        eye_height=float(rng.uniform(-0.1, -0.03)), nose_length=float(rng.uniform(0.11, 0.18)),
-        mouth_width=float(rng.uniform(0.14, 0.24)), brow_tilt=float(rng.uniform(-0.02, 0.02)),
-        shirt_color=_pick(rng, _ACCENTS), hat_color=_pick(rng, _ACCENTS),
+        identity_id=int(identity_id),
+        face_ratio=float(rng.uniform(0.72, 0.9)),
+        skin=tuple(float(c) for c in skin),
+        hair_color=_pick(rng, _HAIR_COLORS),
+        hair_style=int(rng.choice(3, p=_HAIR_STYLE_P)),
+        hair_part=float(rng.uniform(-1, 1)),
+        eye_color=_pick(rng, _EYE_COLORS),
+        eye_spacing=float(rng.uniform(0.15, 0.2)),
+        eye_height=float(rng.uniform(-0.1, -0.03)),
+        nose_length=float(rng.uniform(0.11, 0.18)),
+        mouth_width=float(rng.uniform(0.14, 0.24)),
+        brow_tilt=float(rng.uniform(-0.02, 0.02)),
+        shirt_color=_pick(rng, _ACCENTS),
+        hat_color=_pick(rng, _ACCENTS),
         glasses_color=_pick(rng, [(0.1, 0.1, 0.1), (0.35, 0.2, 0.1), (0.6, 0.1, 0.1)]),
-        glasses=bool(rng.random() < P_GLASSES), hat=bool(rng.random() < P_HAT),
-        earrings=bool(rng.random() < P_EARRINGS))
+        glasses=bool(rng.random() < P_GLASSES),
+        hat=bool(rng.random() < P_HAT),
+        earrings=bool(rng.random() < P_EARRINGS),
+    )
 
 
-def variation(identity_id: int, index: int, seed: int = 0, style: Optional[str] = None,
-              background: Optional[str] = None) -> Variation:
+def variation(
+    identity_id: int, index: int, seed: int = 0, style: Optional[str] = None, background: Optional[str] = None
+) -> Variation:
     """Draws the per-image variation of image ``index`` of an identity.
 
     Args:
@@ -135,17 +167,24 @@ def variation(identity_id: int, index: int, seed: int = 0, style: Optional[str] 
     names = sorted(BACKGROUNDS)
     drawn_bg = names[int(rng.integers(len(names)))]
     return Variation(
-        tx=float(rng.uniform(-0.06, 0.06)), ty=float(rng.uniform(-0.05, 0.05)),
-        scale=float(rng.uniform(0.93, 1.07)), rotation=float(rng.uniform(-0.12, 0.12)),
-        yaw=float(rng.uniform(-1, 1)), smile=float(rng.uniform(0, 1)),
-        gain=float(rng.uniform(0.85, 1.12)), contrast=float(rng.uniform(0.85, 1.1)),
+        tx=float(rng.uniform(-0.06, 0.06)),
+        ty=float(rng.uniform(-0.05, 0.05)),
+        scale=float(rng.uniform(0.93, 1.07)),
+        rotation=float(rng.uniform(-0.12, 0.12)),
+        yaw=float(rng.uniform(-1, 1)),
+        smile=float(rng.uniform(0, 1)),
+        gain=float(rng.uniform(0.85, 1.12)),
+        contrast=float(rng.uniform(0.85, 1.1)),
         light_angle=float(rng.uniform(0, 2 * math.pi)),
         light_strength=float(rng.uniform(0, 0.25)),
-        background=background or drawn_bg, style=style)
+        background=background or drawn_bg,
+        style=style,
+    )
 
 
-def render_batch(identities: Sequence[int], indices: Sequence[int], styles: Sequence[str], seed: int,
-                 resolution: int) -> np.ndarray:
+def render_batch(
+    identities: Sequence[int], indices: Sequence[int], styles: Sequence[str], seed: int, resolution: int
+) -> np.ndarray:
     """Renders image ``indices[i]`` of identity ``identities[i]`` in ``styles[i]``.
 
     Args:
@@ -160,17 +199,27 @@ def render_batch(identities: Sequence[int], indices: Sequence[int], styles: Sequ
     """
     if not len(identities) == len(indices) == len(styles):
         raise ValueError(f"{len(identities)} identities, {len(indices)} indices, {len(styles)} styles")
-    return np.stack([
-        render_face(identity(int(i), seed), variation(int(i), int(j), seed, style=str(s)), resolution)
-        for i, j, s in zip(identities, indices, styles)])
+    return np.stack(
+        [
+            render_face(identity(int(i), seed), variation(int(i), int(j), seed, style=str(s)), resolution)
+            for i, j, s in zip(identities, indices, styles)
+        ]
+    )
 
 
 # The generator's labels of an image, as class indices (what the toy attribute heads predict).
 BACKGROUND_NAMES = tuple(sorted(BACKGROUNDS))
 LABELS: dict[str, int] = {  # label -> number of classes
-    "style": len(STYLES), "background": len(BACKGROUNDS), "hat": 2, "glasses": 2, "earrings": 2,
-    "hair_color": len(_HAIR_COLORS), "hair_style": 3, "eye_color": len(_EYE_COLORS),
-    "skin": len(_SKIN_TONES), "shirt": len(_ACCENTS),
+    "style": len(STYLES),
+    "background": len(BACKGROUNDS),
+    "hat": 2,
+    "glasses": 2,
+    "earrings": 2,
+    "hair_color": len(_HAIR_COLORS),
+    "hair_style": 3,
+    "eye_color": len(_EYE_COLORS),
+    "skin": len(_SKIN_TONES),
+    "shirt": len(_ACCENTS),
 }
 IDENTITY_LABELS = ("hat", "glasses", "earrings", "hair_color", "hair_style", "eye_color", "skin", "shirt")
 IMAGE_LABELS = ("style", "background")  # set per image, not per identity
@@ -183,15 +232,20 @@ def labels(ident: FaceIdentity, var: Variation) -> dict[str, int]:
     return {
         "style": STYLES.index(var.style),
         "background": -1 if var.style == "sketch" else BACKGROUND_NAMES.index(var.background),
-        "hat": int(ident.hat), "glasses": int(ident.glasses), "earrings": int(ident.earrings),
-        "hair_color": _HAIR_COLORS.index(tuple(ident.hair_color)), "hair_style": int(ident.hair_style),
-        "eye_color": _EYE_COLORS.index(tuple(ident.eye_color)), "skin": tone,
+        "hat": int(ident.hat),
+        "glasses": int(ident.glasses),
+        "earrings": int(ident.earrings),
+        "hair_color": _HAIR_COLORS.index(tuple(ident.hair_color)),
+        "hair_style": int(ident.hair_style),
+        "eye_color": _EYE_COLORS.index(tuple(ident.eye_color)),
+        "skin": tone,
         "shirt": _ACCENTS.index(tuple(ident.shirt_color)),
     }
 
 
-def caption(ident: FaceIdentity, var: Variation, class_word: str = "face",
-            token: Optional[str] = None) -> str:
+def caption(
+    ident: FaceIdentity, var: Variation, class_word: str = "face", token: Optional[str] = None
+) -> str:
     """Describes an image, e.g. "a photo of sks face with glasses on a red background".
 
     Sketches are grayscale, so their captions leave out the background colour.
@@ -205,6 +259,7 @@ def caption(ident: FaceIdentity, var: Variation, class_word: str = "face",
     Returns:
       A lowercase caption using only VOCAB, ``class_word`` and ``token``.
     """
+
     def article(word):
         return "an" if word[0] in "aeiou" else "a"
 
@@ -226,6 +281,7 @@ class SyntheticFaces:
 
     Image ``index`` of an identity uses style ``styles[index % len(styles)]``.
     """
+
     identities: Sequence[int]
     images_per_identity: int = 4
     resolution: int = 64
@@ -252,14 +308,14 @@ class SyntheticFaces:
         index = i % self.images_per_identity
         ident = identity(ident_id, self.seed)
         var = variation(ident_id, index, self.seed, style=self.styles[index % len(self.styles)])
-        example = dict(image=render_face(ident, var, self.resolution),
-                       identity=ident_id, index=index)
+        example = dict(image=render_face(ident, var, self.resolution), identity=ident_id, index=index)
         if self.with_captions:
             example["caption"] = caption(ident, var, token=self.token)
         return example
 
-    def batches(self, batch_size: int, *, epoch_seed: int = 0, shuffle: bool = True,
-                drop_remainder: bool = True) -> Iterator[dict]:
+    def batches(
+        self, batch_size: int, *, epoch_seed: int = 0, shuffle: bool = True, drop_remainder: bool = True
+    ) -> Iterator[dict]:
         """Iterates over one epoch in batches.
 
         Args:
@@ -277,11 +333,13 @@ class SyntheticFaces:
             order = np.random.default_rng([self.seed, 2, epoch_seed]).permutation(order)
         stop = len(order) - len(order) % batch_size if drop_remainder else len(order)
         for start in range(0, stop, batch_size):
-            examples = [self[int(i)] for i in order[start:start + batch_size]]
+            examples = [self[int(i)] for i in order[start : start + batch_size]]
             images = np.stack([e["image"] for e in examples])  # [B, H, W, 3] uint8
-            batch = dict(image=to_unit_range(images),
-                         identity=np.array([e["identity"] for e in examples], np.int32),
-                         index=np.array([e["index"] for e in examples], np.int32))
+            batch = dict(
+                image=to_unit_range(images),
+                identity=np.array([e["identity"] for e in examples], np.int32),
+                index=np.array([e["index"] for e in examples], np.int32),
+            )
             if self.with_captions:
                 batch["caption"] = [e["caption"] for e in examples]
             yield batch

@@ -11,12 +11,13 @@ disk (a prepared ``data_dir`` or a manual directory), never downloaded. For Cele
 the archive ``data<R>x<R>.tar`` (PNG images, R = the resolution) with the
 progressive-GAN preparation scripts and put it in ``manual_dir``.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Optional
 
 _PIP_HINT = "pip install hdb_jax[tfds]"
-CELEBA_HQ_RESOLUTIONS = tuple(2 ** k for k in range(11))  # 1 .. 1024
+CELEBA_HQ_RESOLUTIONS = tuple(2**k for k in range(11))  # 1 .. 1024
 
 
 def celeba_hq_builder_name(resolution: int) -> str:
@@ -29,8 +30,7 @@ def celeba_hq_builder_name(resolution: int) -> str:
       The builder name to pass to :func:`tfds_images`.
     """
     if resolution not in CELEBA_HQ_RESOLUTIONS:
-        raise ValueError(f"CelebA-HQ resolution must be one of {CELEBA_HQ_RESOLUTIONS}, "
-                         f"got {resolution}")
+        raise ValueError(f"CelebA-HQ resolution must be one of {CELEBA_HQ_RESOLUTIONS}, got {resolution}")
     return f"celeb_a_hq/{resolution}"
 
 
@@ -40,8 +40,9 @@ def _import_tfds():
         import tensorflow as tf
         import tensorflow_datasets as tfds  # first: fails fast when the extra is missing
     except ImportError as e:
-        raise ImportError(f"TFDS sources need tensorflow and tensorflow-datasets: "
-                          f"{_PIP_HINT}  (missing: {e.name or e})") from e
+        raise ImportError(
+            f"TFDS sources need tensorflow and tensorflow-datasets: {_PIP_HINT}  (missing: {e.name or e})"
+        ) from e
     try:
         tf.config.set_visible_devices([], "GPU")
     except (RuntimeError, ValueError):  # devices already initialised by the caller
@@ -73,7 +74,8 @@ def _prepare(tfds, name: str, data_dir: str, manual_dir: Optional[str]):
         raise RuntimeError(
             f"TFDS dataset {name!r} is not prepared in {data_dir!r} and would need a download; "
             "hdb_jax reads TFDS offline only: prepare it elsewhere (tfds build) and copy it "
-            "into data_dir")
+            "into data_dir"
+        )
     builder.download_and_prepare(**download_and_prepare_kwargs(manual_dir))
     return builder
 
@@ -82,7 +84,7 @@ def _to_rgb_float(tf, image, channels: int):
     """uint8 / uint16 / float [H, W, C] -> float32 [H, W, 3] in [0, 1], alpha on white."""
     image = tf.image.convert_image_dtype(image, tf.float32)  # scales 16-bit, not clips
     if channels in (2, 4):  # gray + alpha, RGBA: composite on white
-        color, alpha = image[..., :channels - 1], image[..., channels - 1:]
+        color, alpha = image[..., : channels - 1], image[..., channels - 1 :]
         image = color * alpha + (1.0 - alpha)
     if channels in (1, 2):
         image = tf.image.grayscale_to_rgb(image)
@@ -96,19 +98,33 @@ def _center_square(tf, image, resolution: int):
     shape = tf.shape(image)
     side = tf.minimum(shape[0], shape[1])
     top, left = (shape[0] - side) // 2, (shape[1] - side) // 2
-    image = image[top:top + side, left:left + side]
+    image = image[top : top + side, left : left + side]
     image = tf.cond(
         tf.equal(side, resolution),
         lambda: image,
-        lambda: tf.clip_by_value(tf.image.resize(image, (resolution, resolution),
-                                                 method="lanczos3", antialias=True), 0.0, 1.0))
+        lambda: tf.clip_by_value(
+            tf.image.resize(image, (resolution, resolution), method="lanczos3", antialias=True), 0.0, 1.0
+        ),
+    )
     return tf.reshape(image, (resolution, resolution, 3))
 
 
-def tfds_images(name: str, split: str, *, data_dir: str, manual_dir: Optional[str] = None,
-                resolution: int, image_key: str = "image", label_key: Optional[str] = None,
-                batch_size: int, seed: int, shuffle: bool = True, repeat: bool = False,
-                drop_remainder: bool = True, shuffle_buffer: int = 1024) -> Iterator[dict]:
+def tfds_images(
+    name: str,
+    split: str,
+    *,
+    data_dir: str,
+    manual_dir: Optional[str] = None,
+    resolution: int,
+    image_key: str = "image",
+    label_key: Optional[str] = None,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    repeat: bool = False,
+    drop_remainder: bool = True,
+    shuffle_buffer: int = 1024,
+) -> Iterator[dict]:
     """Iterates over a TFDS image dataset in numpy batches, offline.
 
     If the dataset is not yet prepared in ``data_dir`` it is built from ``manual_dir``
@@ -158,8 +174,12 @@ def tfds_images(name: str, split: str, *, data_dir: str, manual_dir: Optional[st
     options = tf.data.Options()
     options.deterministic = True
     read_config = tfds.ReadConfig(shuffle_seed=seed, options=options)
-    ds = builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config,
-                            decoders={image_key: tfds.decode.SkipDecoding()})
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=shuffle,
+        read_config=read_config,
+        decoders={image_key: tfds.decode.SkipDecoding()},
+    )
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -199,10 +219,18 @@ def identities(data, resolution: int, wanted=None):
     from hdb_jax.images import to_uint8
 
     count = int(data["count"])
-    batches = tfds_images(data["tfds_name"], data["split"], data_dir=data["data_dir"],
-                          manual_dir=data.get("manual_dir") or None, resolution=resolution,
-                          image_key=data.get("image_key", "image") or "image", batch_size=min(64, count), seed=0,
-                          shuffle=False, drop_remainder=False)
+    batches = tfds_images(
+        data["tfds_name"],
+        data["split"],
+        data_dir=data["data_dir"],
+        manual_dir=data.get("manual_dir") or None,
+        resolution=resolution,
+        image_key=data.get("image_key", "image") or "image",
+        batch_size=min(64, count),
+        seed=0,
+        shuffle=False,
+        drop_remainder=False,
+    )
     images = []
     for batch in batches:
         images.extend(to_uint8(batch["image"]))

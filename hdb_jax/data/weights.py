@@ -51,16 +51,30 @@ def done_identities(directory: str | os.PathLike) -> set:
 
 def next_chunk_name(directory: str | os.PathLike) -> str:
     """A chunk file name no earlier run used."""
-    numbers = [int(f[6:11]) for f in os.listdir(directory) if f.startswith("chunk_") and f.endswith(".safetensors")]
+    numbers = [
+        int(f[6:11]) for f in os.listdir(directory) if f.startswith("chunk_") and f.endswith(".safetensors")
+    ]
     return f"chunk_{max(numbers, default=-1) + 1:05d}.safetensors"
 
 
 def _names(trees: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
-    return {f"{c}/{p}/{f}": v for c, tree in trees.items() for p, factors in tree.items() for f, v in factors.items()}
+    return {
+        f"{c}/{p}/{f}": v
+        for c, tree in trees.items()
+        for p, factors in tree.items()
+        for f, v in factors.items()
+    }
 
 
-def write_chunk(directory: str | os.PathLike, trees: Trees, rows: Iterable[Mapping[str, Any]], *,
-                basis_hash: str | None, steps: int, meta: Mapping[str, Any] | None = None) -> str:
+def write_chunk(
+    directory: str | os.PathLike,
+    trees: Trees,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    basis_hash: str | None,
+    steps: int,
+    meta: Mapping[str, Any] | None = None,
+) -> str:
     """Writes one chunk and appends its index rows; returns the chunk's file name.
 
     Args:
@@ -79,9 +93,17 @@ def write_chunk(directory: str | os.PathLike, trees: Trees, rows: Iterable[Mappi
     if sizes != {len(rows)}:
         raise ValueError(f"chunk of {len(rows)} identities, but the trees' leading axes are {sorted(sizes)}")
     name = next_chunk_name(directory)
-    tensorfile.write(os.path.join(directory, name), tensors,
-                     {"format": FORMAT, "format_version": VERSION, "basis_hash": basis_hash or "", "steps": steps,
-                      "meta": json.dumps(dict(meta or {}), sort_keys=True, default=str)})
+    tensorfile.write(
+        os.path.join(directory, name),
+        tensors,
+        {
+            "format": FORMAT,
+            "format_version": VERSION,
+            "basis_hash": basis_hash or "",
+            "steps": steps,
+            "meta": json.dumps(dict(meta or {}), sort_keys=True, default=str),
+        },
+    )
     with open(os.path.join(directory, INDEX), "a") as f:
         for k, row in enumerate(rows):
             f.write(json.dumps({**row, "chunk": name, "row": k}) + "\n")
@@ -98,8 +120,9 @@ def _read_chunk(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, meta
 
 
-def load(directory: str | os.PathLike, adapters: Mapping[str, Any] | None = None,
-         basis_hash: str | None = None) -> tuple[list[dict], Trees]:
+def load(
+    directory: str | os.PathLike, adapters: Mapping[str, Any] | None = None, basis_hash: str | None = None
+) -> tuple[list[dict], Trees]:
     """Every identity's weights, stacked in index order.
 
     Args:
@@ -124,8 +147,10 @@ def load(directory: str | os.PathLike, adapters: Mapping[str, Any] | None = None
         if row["chunk"] not in chunks:
             tensors, meta = _read_chunk(os.path.join(directory, row["chunk"]))
             if basis_hash is not None and meta.get("basis_hash") not in (basis_hash, ""):
-                raise WeightsDatasetError(f"{directory}/{row['chunk']}: trained against LiDB basis {meta.get('basis_hash')}, "
-                                          f"not {basis_hash}")
+                raise WeightsDatasetError(
+                    f"{directory}/{row['chunk']}: trained against LiDB basis {meta.get('basis_hash')}, "
+                    f"not {basis_hash}"
+                )
             chunks[row["chunk"]] = tensors
         for name, array in chunks[row["chunk"]].items():
             stacked.setdefault(name, []).append(array[row["row"]])
@@ -135,8 +160,12 @@ def load(directory: str | os.PathLike, adapters: Mapping[str, Any] | None = None
         path, factor = rest.rsplit("/", 1)
         trees.setdefault(component, {}).setdefault(path, {})[factor] = np.stack(arrays)
     if adapters is not None:
-        missing = [f"{c}/{t.path}" for c, a in adapters.items() for t in a.targets if t.path not in trees.get(c, {})]
+        missing = [
+            f"{c}/{t.path}" for c, a in adapters.items() for t in a.targets if t.path not in trees.get(c, {})
+        ]
         if missing:
-            raise WeightsDatasetError(f"{directory}: no weights for {len(missing)} adapted layers (e.g. {missing[:2]}); "
-                                      "pre-optimised with another adapter layout?")
+            raise WeightsDatasetError(
+                f"{directory}: no weights for {len(missing)} adapted layers (e.g. {missing[:2]}); "
+                "pre-optimised with another adapter layout?"
+            )
     return rows, trees

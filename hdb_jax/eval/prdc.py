@@ -40,5 +40,10 @@ def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = 3) -> dic
     real, generated = np.asarray(real, np.float64), np.asarray(generated, np.float64)
     precision = coverage_of(generated, real, knn_radii(real, k)).mean()
     recall = coverage_of(real, generated, knn_radii(generated, k)).mean()
-    return {"precision": float(precision), "recall": float(recall), "k": k, "real": len(real),
-            "generated": len(generated)}
+    return {
+        "precision": float(precision),
+        "recall": float(recall),
+        "k": k,
+        "real": len(real),
+        "generated": len(generated),
+    }

@@ -74,12 +74,17 @@ class Preprocessing:
     @classmethod
     def dino_protocol(cls, image_size: int = 224) -> Preprocessing:
         """DreamBooth's DINO transform: short side to 256 (224 inputs), bicubic; crop; ImageNet stats."""
-        return cls(shortest_edge=round(image_size * 256 / 224), crop=(image_size, image_size),
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return cls(
+            shortest_edge=round(image_size * 256 / 224),
+            crop=(image_size, image_size),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        )
 
     @classmethod
-    def from_config(cls, config: dict, fallback: Preprocessing, *, int_size_is_shortest_edge: bool,
-                    crops_by_default: bool) -> Preprocessing:
+    def from_config(
+        cls, config: dict, fallback: Preprocessing, *, int_size_is_shortest_edge: bool, crops_by_default: bool
+    ) -> Preprocessing:
         """Reads the contents of an image processor's ``preprocessor_config.json``.
 
         Args:
@@ -90,6 +95,7 @@ class Preprocessing:
         Returns:
             The preprocessing.
         """
+
         def pair(value) -> tuple[int, int]:
             if isinstance(value, int):
                 return value, value
@@ -106,14 +112,20 @@ class Preprocessing:
             shortest, size = int(raw["shortest_edge"]), None
         elif raw is not None:
             shortest, size = None, pair(raw)
-        crop = ((pair(config["crop_size"]) if "crop_size" in config else fallback.crop)
-                if config.get("do_center_crop", crops_by_default) else None)
+        crop = (
+            (pair(config["crop_size"]) if "crop_size" in config else fallback.crop)
+            if config.get("do_center_crop", crops_by_default)
+            else None
+        )
         resample = config.get("resample", 3)
         if resample not in _PIL_RESAMPLE:
             raise ValueError(f"unsupported PIL resampling code {resample} (known: {sorted(_PIL_RESAMPLE)})")
         normalize = config.get("do_normalize", True)
         return cls(
-            shortest_edge=shortest, size=size, crop=crop, method=_PIL_RESAMPLE[resample],
+            shortest_edge=shortest,
+            size=size,
+            crop=crop,
+            method=_PIL_RESAMPLE[resample],
             mean=tuple(config.get("image_mean", fallback.mean)) if normalize else (0.0, 0.0, 0.0),
             std=tuple(config.get("image_std", fallback.std)) if normalize else (1.0, 1.0, 1.0),
             rescale=float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 1.0,
@@ -148,7 +160,7 @@ class Preprocessing:
             if crop_h > new_h or crop_w > new_w:
                 raise ValueError(f"crop {self.crop} is larger than the resized image {(new_h, new_w)}")
             top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
-            x = x[:, top:top + crop_h, left:left + crop_w]
+            x = x[:, top : top + crop_h, left : left + crop_w]
         x = (x * self.rescale - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
         return jnp.transpose(x, (0, 3, 1, 2))  # [N, 3, h, w]
 
@@ -181,27 +193,41 @@ def _batched(fn: Callable, params, arrays: tuple[np.ndarray, ...], batch_size: i
     size = min(total, batch_size)
     padded = -(-total // size) * size
     arrays = [np.concatenate([a, np.zeros((padded - total,) + a.shape[1:], a.dtype)]) for a in arrays]
-    outputs = [np.asarray(fn(params, *(a[i:i + size] for a in arrays))) for i in range(0, padded, size)]
+    outputs = [np.asarray(fn(params, *(a[i : i + size] for a in arrays))) for i in range(0, padded, size)]
     return np.concatenate(outputs)[:total]
 
 
 # -------------------------------------------------------------------- loading
-def _load(path, model_class, model_type: str, example: str, fallback: Callable[[int], Preprocessing],
-          convention: dict, required: tuple[str, ...] = (), **kwargs):
+def _load(
+    path,
+    model_class,
+    model_type: str,
+    example: str,
+    fallback: Callable[[int], Preprocessing],
+    convention: dict,
+    required: tuple[str, ...] = (),
+    **kwargs,
+):
     """``(directory, Flax model, params, preprocessing)``; first checks the directory and the ``required``
     files, raising ModelLoadError naming the path at fault."""
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise ModelLoadError(f"model directory {root} does not exist (expected a local transformers-format "
-                             f"directory, e.g. a download of {example}; nothing is downloaded)")
+        raise ModelLoadError(
+            f"model directory {root} does not exist (expected a local transformers-format "
+            f"directory, e.g. a download of {example}; nothing is downloaded)"
+        )
     config, processor = _read_json(root / "config.json"), root / "preprocessor_config.json"
     if config.get("model_type") != model_type:
-        raise ModelLoadError(f"{root / 'config.json'}: model_type {config.get('model_type')!r}, "
-                             f"expected {model_type!r}")
+        raise ModelLoadError(
+            f"{root / 'config.json'}: model_type {config.get('model_type')!r}, expected {model_type!r}"
+        )
     default = fallback(config.get("vision_config", config).get("image_size", 224))
     try:
-        preprocessing = (Preprocessing.from_config(_read_json(processor), default, **convention)
-                         if processor.is_file() else default)
+        preprocessing = (
+            Preprocessing.from_config(_read_json(processor), default, **convention)
+            if processor.is_file()
+            else default
+        )
     except (ValueError, KeyError) as err:
         raise ModelLoadError(f"{processor}: {err}") from err
     missing = [name for name in required if not (root / name).is_file()]
@@ -220,8 +246,10 @@ def _read_weights(model_class, root: Path, **kwargs) -> tuple[object, dict]:
         if not names & {"pytorch_model.bin", "pytorch_model.bin.index.json"}:
             raise ModelLoadError(f"{root}: no model.safetensors, flax_model.msgpack or pytorch_model.bin")
         if not _torch_available():
-            raise ModelLoadError(f"{root}: only PyTorch pickle weights (pytorch_model.bin); reading them "
-                                 "needs torch. Install torch or convert the checkpoint to model.safetensors")
+            raise ModelLoadError(
+                f"{root}: only PyTorch pickle weights (pytorch_model.bin); reading them "
+                "needs torch. Install torch or convert the checkpoint to model.safetensors"
+            )
     try:
         if safetensors:
             config = model_class.config_class.from_pretrained(root, local_files_only=True)
@@ -234,14 +262,20 @@ def _read_weights(model_class, root: Path, **kwargs) -> tuple[object, dict]:
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{root}: could not load the model ({err})") from err
     if safetensors:
+
         def rename(name, tensor, expected):
             key = tuple(name.split("."))
             return hf.transformers_rename_and_reshape(key, tensor, expected, model.base_model_prefix)
 
         file = root / "model.safetensors"
-        params = loading.convert_tensors(loading.read_safetensors([file]), model.params_shape_tree, rename,
-                                         what=f"the {model_class.__name__} config", source=os.fspath(file),
-                                         skip=lambda name: bool(_UNUSED.match(name)))
+        params = loading.convert_tensors(
+            loading.read_safetensors([file]),
+            model.params_shape_tree,
+            rename,
+            what=f"the {model_class.__name__} config",
+            source=os.fspath(file),
+            skip=lambda name: bool(_UNUSED.match(name)),
+        )
     return model, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
@@ -258,8 +292,16 @@ def _read_json(file: Path) -> dict:
 class _ImageScorer:
     """Preprocessing, input-size check and the batched, jitted image forward pass of a scorer."""
 
-    def __init__(self, model, params, preprocessing: Preprocessing, image_size: int, embed: Callable,
-                 batch_size: int, name: str):
+    def __init__(
+        self,
+        model,
+        params,
+        preprocessing: Preprocessing,
+        image_size: int,
+        embed: Callable,
+        batch_size: int,
+        name: str,
+    ):
         self.model, self.params, self.preprocessing = model, params, preprocessing
         self.image_size, self.batch_size, self.name = image_size, batch_size, name
         # (params, uint8 [B, H, W, 3]) -> [B, D]; compiled once per batch shape.
@@ -295,26 +337,37 @@ class _ImageScorer:
             raise ValueError(f"expected uint8 images [N>0, H, W, 3], got {images.dtype} {images.shape}")
         out = self.preprocessing.crop or self.preprocessing.resized_size(*images.shape[1:3])
         if tuple(out) != (self.image_size, self.image_size):
-            raise ValueError(f"{self.name}: preprocessing makes {out} inputs from {images.shape[1:3]} "
-                             f"images; the model takes {self.image_size}x{self.image_size}")
+            raise ValueError(
+                f"{self.name}: preprocessing makes {out} inputs from {images.shape[1:3]} "
+                f"images; the model takes {self.image_size}x{self.image_size}"
+            )
         return images
 
 
 class ClipScorer(_ImageScorer):
     """CLIP-I and CLIP-T with a CLIP model (e.g. ``openai/clip-vit-base-patch32``)."""
 
-    def __init__(self, model, params, tokenizer, preprocessing: Preprocessing, *, batch_size: int = 32,
-                 name: str = ""):
-        super().__init__(model, params, preprocessing, model.config.vision_config.image_size,
-                         lambda p, pixels: model.get_image_features(pixels, params=p), batch_size, name)
+    def __init__(
+        self, model, params, tokenizer, preprocessing: Preprocessing, *, batch_size: int = 32, name: str = ""
+    ):
+        super().__init__(
+            model,
+            params,
+            preprocessing,
+            model.config.vision_config.image_size,
+            lambda p, pixels: model.get_image_features(pixels, params=p),
+            batch_size,
+            name,
+        )
         self.tokenizer = tokenizer
         self.max_length = model.config.text_config.max_position_embeddings
         # (params, int32 ids [B, L], mask [B, L]) -> [B, P]
         self._text = jax.jit(lambda p, ids, mask: model.get_text_features(ids, mask, params=p))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, preprocessing: Preprocessing | None = None,
-             batch_size: int = 32) -> ClipScorer:
+    def load(
+        cls, path: str | os.PathLike, *, preprocessing: Preprocessing | None = None, batch_size: int = 32
+    ) -> ClipScorer:
         """Loads a local transformers-format CLIP directory; ModelLoadError names a missing path.
 
         Args:
@@ -327,11 +380,19 @@ class ClipScorer(_ImageScorer):
         """
         convention = {"int_size_is_shortest_edge": True, "crops_by_default": True}
         tokenizer_files = ("vocab.json", "merges.txt")
-        root, model, params, read = _load(path, hf.FlaxCLIPModel, "clip", "openai/clip-vit-base-patch32",
-                                          Preprocessing.clip_default, convention, tokenizer_files)
+        root, model, params, read = _load(
+            path,
+            hf.FlaxCLIPModel,
+            "clip",
+            "openai/clip-vit-base-patch32",
+            Preprocessing.clip_default,
+            convention,
+            tokenizer_files,
+        )
         tokenizer = hf.CLIPTokenizer.from_pretrained(os.fspath(root), local_files_only=True)
-        return cls(model, params, tokenizer, preprocessing or read, batch_size=batch_size,
-                   name=os.fspath(root))
+        return cls(
+            model, params, tokenizer, preprocessing or read, batch_size=batch_size, name=os.fspath(root)
+        )
 
     image_embeddings = _ImageScorer.embeddings  # get_image_features, [N, P]
     clip_i = _ImageScorer.mean_cosine  # CLIP-I, [N]
@@ -345,13 +406,19 @@ class ClipScorer(_ImageScorer):
         Returns:
             float32 ``[M, P]``.
         """
-        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
-                                truncation=True, return_tensors="np")
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="np",
+        )
         ids, mask = (tokens[key].astype(np.int32) for key in ("input_ids", "attention_mask"))  # [M, L]
         return _batched(self._text, self.params, (ids, mask), self.batch_size)
 
-    def clip_t(self, images: np.ndarray, prompts: str | Sequence[str], token: str = "sks",
-               replacement: str = "") -> np.ndarray:
+    def clip_t(
+        self, images: np.ndarray, prompts: str | Sequence[str], token: str = "sks", replacement: str = ""
+    ) -> np.ndarray:
         """CLIP-T: cosine of each image to its prompt, with the subject token replaced.
 
         Args:
@@ -375,12 +442,20 @@ class DinoScorer(_ImageScorer):
     """The DINO metric with a ViT (e.g. ``facebook/dino-vits16``), loaded without a pooler."""
 
     def __init__(self, model, params, preprocessing: Preprocessing, *, batch_size: int = 32, name: str = ""):
-        super().__init__(model, params, preprocessing, model.config.image_size,
-                         lambda p, pixels: model(pixels, params=p).last_hidden_state[:, 0], batch_size, name)
+        super().__init__(
+            model,
+            params,
+            preprocessing,
+            model.config.image_size,
+            lambda p, pixels: model(pixels, params=p).last_hidden_state[:, 0],
+            batch_size,
+            name,
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, preprocessing: Preprocessing | None = None,
-             batch_size: int = 32) -> DinoScorer:
+    def load(
+        cls, path: str | os.PathLike, *, preprocessing: Preprocessing | None = None, batch_size: int = 32
+    ) -> DinoScorer:
         """Loads a local transformers-format ViT directory; ModelLoadError names a missing path.
 
         Args:
@@ -393,8 +468,15 @@ class DinoScorer(_ImageScorer):
             The scorer.
         """
         convention = {"int_size_is_shortest_edge": False, "crops_by_default": False}
-        root, model, params, read = _load(path, hf.FlaxViTModel, "vit", "facebook/dino-vits16",
-                                          Preprocessing.dino_protocol, convention, add_pooling_layer=False)
+        root, model, params, read = _load(
+            path,
+            hf.FlaxViTModel,
+            "vit",
+            "facebook/dino-vits16",
+            Preprocessing.dino_protocol,
+            convention,
+            add_pooling_layer=False,
+        )
         return cls(model, params, preprocessing or read, batch_size=batch_size, name=os.fspath(root))
 
     dino = _ImageScorer.mean_cosine  # DINO, [N]

@@ -18,8 +18,9 @@ from hdb_jax.eval import stats
 METRICS = ("identity", "subject_fidelity", "prompt_fidelity", "prior_realism")
 
 
-def summarise(row: str, per_identity: Mapping[Any, Mapping[str, Any]], *, replicates: int = 2000,
-              seed: int = 0) -> dict:
+def summarise(
+    row: str, per_identity: Mapping[Any, Mapping[str, Any]], *, replicates: int = 2000, seed: int = 0
+) -> dict:
     """One report row from ``{identity: {"identity": [P, S], ..., "steps", "seconds", "bytes"}}``.
 
     Returns:
@@ -29,7 +30,9 @@ def summarise(row: str, per_identity: Mapping[Any, Mapping[str, Any]], *, replic
     ids = list(per_identity)
     out: dict[str, Any] = {"row": row}
     for metric in METRICS:
-        values = np.stack([np.asarray(per_identity[i][metric], np.float64) for i in ids])  # [I, P, S] or [I, S]
+        values = np.stack(
+            [np.asarray(per_identity[i][metric], np.float64) for i in ids]
+        )  # [I, P, S] or [I, S]
         out[metric] = stats.bootstrap(values, replicates=replicates, seed=seed)
     out["steps"] = int(np.max([per_identity[i]["steps"] for i in ids]))
     out["seconds_per_identity"] = float(np.mean([per_identity[i]["seconds"] for i in ids]))
@@ -44,7 +47,12 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         cells = [r["row"]] + [stats.fmt(r[m]) for m in METRICS]
-        cells += [str(r["steps"]), f"{r['seconds_per_identity']:.1f}", f"{r['bytes']:,}", str(r["identities"])]
+        cells += [
+            str(r["steps"]),
+            f"{r['seconds_per_identity']:.1f}",
+            f"{r['bytes']:,}",
+            str(r["identities"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -55,5 +63,11 @@ def compare(rows: Sequence[Mapping[str, Any]], better: str, worse: str, metric: 
     if better not in by or worse not in by:
         return {"available": False}
     a, b = by[better][metric], by[worse][metric]
-    return {"available": True, "metric": metric, better: a["mean"], worse: b["mean"],
-            "higher": a["mean"] > b["mean"], "separated": a["mean"] > b["mean"] and not stats.overlaps(a, b)}
+    return {
+        "available": True,
+        "metric": metric,
+        better: a["mean"],
+        worse: b["mean"],
+        "higher": a["mean"] > b["mean"],
+        "separated": a["mean"] > b["mean"] and not stats.overlaps(a, b),
+    }

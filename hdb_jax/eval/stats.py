@@ -16,8 +16,9 @@ from typing import Sequence
 import numpy as np
 
 
-def bootstrap(values, *, replicates: int = 2000, level: float = 0.95, seed: int = 0,
-              axes: Sequence[int] | None = None) -> dict[str, float | list[float] | int]:
+def bootstrap(
+    values, *, replicates: int = 2000, level: float = 0.95, seed: int = 0, axes: Sequence[int] | None = None
+) -> dict[str, float | list[float] | int]:
     """Mean of ``values`` and its bootstrap confidence interval.
 
     Args:

@@ -78,8 +78,9 @@ class ToyEvaluator:
         """Cosine ``[N]`` of each sample's identity embedding to its reference's (one, or one per sample)."""
         return np.asarray(self.identity.similarity(samples, references), np.float64)
 
-    def subject_fidelity(self, samples: np.ndarray, references: np.ndarray,
-                         prompts: Sequence[str] | None = None) -> np.ndarray:
+    def subject_fidelity(
+        self, samples: np.ndarray, references: np.ndarray, prompts: Sequence[str] | None = None
+    ) -> np.ndarray:
         """Fraction ``[N]`` of :attr:`subject_labels` the classifier reads the same on sample and reference.
 
         With ``prompts``, an attribute a sample's prompt asks to change ("wearing a hat") is not
@@ -87,7 +88,9 @@ class ToyEvaluator:
         """
         got = self.attributes.predict(samples)
         ref = self.attributes.predict(references if references.ndim == 4 else references[None])
-        agree = np.stack([got[k] == np.broadcast_to(ref[k], got[k].shape) for k in self.subject_labels], axis=1)  # [N, L]
+        agree = np.stack(
+            [got[k] == np.broadcast_to(ref[k], got[k].shape) for k in self.subject_labels], axis=1
+        )  # [N, L]
         counted = np.ones_like(agree, bool)
         for i, prompt in enumerate(prompts or ()):
             changed = set(asked(prompt))
@@ -127,27 +130,42 @@ class ToyEvaluator:
         return out
 
 
-def real_renders(count: int, *, start: int = 6_000_000, resolution: int = 32, seed: int = 0,
-                 styles: Sequence[str] = ("photo", "cartoon", "sketch"),
-                 weights: Sequence[float] = (0.5, 0.25, 0.25)) -> np.ndarray:
+def real_renders(
+    count: int,
+    *,
+    start: int = 6_000_000,
+    resolution: int = 32,
+    seed: int = 0,
+    styles: Sequence[str] = ("photo", "cartoon", "sketch"),
+    weights: Sequence[float] = (0.5, 0.25, 0.25),
+) -> np.ndarray:
     """uint8 renders of ``count`` identities nobody trains on, in the base model's style mix."""
     rng = np.random.default_rng([seed, 31, start])
     p = np.asarray(weights, np.float64)
     chosen = [styles[k] for k in rng.choice(len(styles), count, p=p / p.sum())]
-    return synthetic.render_batch(range(start, start + count), rng.integers(0, 2**30, count), chosen, seed, resolution)
+    return synthetic.render_batch(
+        range(start, start + count), rng.integers(0, 2**30, count), chosen, seed, resolution
+    )
 
 
 def modifier_prompts() -> dict[str, str]:
     """One prompt per caption modifier of the toy world (the base model's training vocabulary)."""
     out = {f"style={s}": f"{'an' if s[0] in 'aeiou' else 'a'} {s} of a face" for s in synthetic.STYLES}
-    out.update({f"background={c}": f"a face on {'an' if c[0] in 'aeiou' else 'a'} {c} background"
-                for c in synthetic.BACKGROUND_NAMES})
-    out.update({"hat": "a face wearing a hat", "glasses": "a face with glasses", "earrings": "a face with earrings"})
+    out.update(
+        {
+            f"background={c}": f"a face on {'an' if c[0] in 'aeiou' else 'a'} {c} background"
+            for c in synthetic.BACKGROUND_NAMES
+        }
+    )
+    out.update(
+        {"hat": "a face wearing a hat", "glasses": "a face with glasses", "earrings": "a face with earrings"}
+    )
     return out
 
 
-def render_rates(evaluator: ToyEvaluator, count: int = 64, *, start: int = 6_500_000, resolution: int = 32,
-                 seed: int = 0) -> dict[str, float]:
+def render_rates(
+    evaluator: ToyEvaluator, count: int = 64, *, start: int = 6_500_000, resolution: int = 32, seed: int = 0
+) -> dict[str, float]:
     """How often the classifier sees each modifier on real renders that have it (the ceiling)."""
     rng = np.random.default_rng([seed, 32])
     rates = {}
@@ -158,20 +176,38 @@ def render_rates(evaluator: ToyEvaluator, count: int = 64, *, start: int = 6_500
         while len(ids) < count:
             ident = synthetic.identity(candidate, seed)
             candidate += 1
-            if any(getattr(ident, k) != bool(v) for k, v in want.items() if k in ("hat", "glasses", "earrings")):
+            if any(
+                getattr(ident, k) != bool(v) for k, v in want.items() if k in ("hat", "glasses", "earrings")
+            ):
                 continue
             ids.append(candidate - 1)
             index.append(int(rng.integers(0, 2**30)))
             styles.append(synthetic.STYLES[want["style"]] if "style" in want else "photo")
-            backgrounds.append(synthetic.BACKGROUND_NAMES[want["background"]] if "background" in want else None)
-        pixels = np.stack([synthetic.render_face(synthetic.identity(i, seed), synthetic.variation(i, j, seed, s, b), resolution)
-                           for i, j, s, b in zip(ids, index, styles, backgrounds)])
-        rates[key] = float(np.mean(np.all(np.stack(list(evaluator.detected(pixels, prompt).values())), axis=0)))
+            backgrounds.append(
+                synthetic.BACKGROUND_NAMES[want["background"]] if "background" in want else None
+            )
+        pixels = np.stack(
+            [
+                synthetic.render_face(
+                    synthetic.identity(i, seed), synthetic.variation(i, j, seed, s, b), resolution
+                )
+                for i, j, s, b in zip(ids, index, styles, backgrounds)
+            ]
+        )
+        rates[key] = float(
+            np.mean(np.all(np.stack(list(evaluator.detected(pixels, prompt).values())), axis=0))
+        )
     return rates
 
 
-def evaluate_base(evaluator: ToyEvaluator, sample_fn, *, face_seeds: int = 256, modifier_seeds: int = 32,
-                  real: np.ndarray | None = None) -> dict:
+def evaluate_base(
+    evaluator: ToyEvaluator,
+    sample_fn,
+    *,
+    face_seeds: int = 256,
+    modifier_seeds: int = 32,
+    real: np.ndarray | None = None,
+) -> dict:
     """The base model's quality figures: realism of "a face", and each modifier's detection rate.
 
     Args:
@@ -191,7 +227,9 @@ def evaluate_base(evaluator: ToyEvaluator, sample_fn, *, face_seeds: int = 256, 
     out["modifiers"] = {}
     for key, prompt in modifier_prompts().items():
         drawn = sample_fn([prompt] * modifier_seeds, list(range(10_000, 10_000 + modifier_seeds)))
-        out["modifiers"][key] = float(np.mean(np.all(np.stack(list(evaluator.detected(drawn, prompt).values())), axis=0)))
+        out["modifiers"][key] = float(
+            np.mean(np.all(np.stack(list(evaluator.detected(drawn, prompt).values())), axis=0))
+        )
     out["render_rates"] = render_rates(evaluator)
     out.update(face_seeds=face_seeds, modifier_seeds=modifier_seeds)
     return out

@@ -21,7 +21,9 @@ from hdb_jax.hypernet import decoder as dec
 DENOISE_ON = ("same", "other")
 
 
-def targets(preopt_dir: str, adapters: Mapping[str, Any], basis_hash: str | None) -> tuple[list[int], np.ndarray]:
+def targets(
+    preopt_dir: str, adapters: Mapping[str, Any], basis_hash: str | None
+) -> tuple[list[int], np.ndarray]:
     """Identities of a pre-optimised weights dataset and their weight tokens ``[N, n, W]``.
 
     ``preopt_dir`` may name several datasets separated by commas (e.g. stage 1 run as several
@@ -80,11 +82,19 @@ class Data:
         first = images.to_unit_range(pix(seen))
         second = first if self.denoise_on == "same" else images.to_unit_range(pix(denoised))
         if self.tokens is None:
-            tokens, has = np.zeros((len(rows), *self.token_shape), np.float32), np.zeros(len(rows), np.float32)
+            tokens, has = (
+                np.zeros((len(rows), *self.token_shape), np.float32),
+                np.zeros(len(rows), np.float32),
+            )
         else:
             tokens, has = self.tokens[rows].astype(np.float32), np.ones(len(rows), np.float32)
-        return {"images": first, "targets": second, "input_ids": np.stack([self.prompt_ids] * len(rows)),
-                "target_tokens": tokens, "has_target": has}
+        return {
+            "images": first,
+            "targets": second,
+            "input_ids": np.stack([self.prompt_ids] * len(rows)),
+            "target_tokens": tokens,
+            "has_target": has,
+        }
 
 
 def heldout_views(source, identities: Sequence[int], views: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,10 +109,18 @@ def predict_tokens(net, params: Mapping[str, Any], refs: np.ndarray, batch: int 
     from hdb_jax.hypernet.encoder import resize_images
     from hdb_jax.hypernet.model import HyperNetwork
 
-    fn = jax.jit(lambda p, x: net.apply({"params": p}, resize_images(x, net.image_size), method=HyperNetwork.predict_tokens))
+    fn = jax.jit(
+        lambda p, x: net.apply(
+            {"params": p}, resize_images(x, net.image_size), method=HyperNetwork.predict_tokens
+        )
+    )
     out = []
     for start in range(0, len(refs), batch):
-        chunk = refs[start:start + batch]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)]) if len(chunk) < batch else chunk
+        chunk = refs[start : start + batch]
+        padded = (
+            np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
+            if len(chunk) < batch
+            else chunk
+        )
         out.append(np.asarray(fn(params, padded))[: len(chunk)])
     return np.concatenate(out)

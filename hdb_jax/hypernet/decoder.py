@@ -84,7 +84,9 @@ def tokens_to_tree(tokens: jax.Array, adapters: Mapping[str, Adapter], kind: LiD
     return tree
 
 
-def tree_to_tokens(tree: Mapping[str, Mapping[str, Mapping[str, jax.Array]]], adapters: Mapping[str, Adapter]) -> jax.Array:
+def tree_to_tokens(
+    tree: Mapping[str, Mapping[str, Mapping[str, jax.Array]]], adapters: Mapping[str, Adapter]
+) -> jax.Array:
     """LiDB trainable trees per component -> weight tokens ``[..., n, W]`` (inverse of the above).
 
     Args:
@@ -128,8 +130,12 @@ class Block(nn.Module):
 
     def _attention(self, name: str) -> nn.MultiHeadDotProductAttention:
         return nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, qkv_features=self.width, out_features=self.width,
-            dtype=self.dtype, deterministic=True, name=name,
+            num_heads=self.num_heads,
+            qkv_features=self.width,
+            out_features=self.width,
+            dtype=self.dtype,
+            deterministic=True,
+            name=name,
         )
 
     @nn.compact

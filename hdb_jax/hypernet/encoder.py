@@ -161,9 +161,7 @@ def _weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
         return [folder / s for s in shards]
-    raise ModelLoadError(
-        f"{folder}: no 'model.safetensors' (or sharded index); PyTorch pickles are not read"
-    )
+    raise ModelLoadError(f"{folder}: no 'model.safetensors' (or sharded index); PyTorch pickles are not read")
 
 
 def convert_vision_state(state: Mapping[str, np.ndarray], abstract: Mapping[str, Any], source: str) -> dict:
@@ -175,11 +173,20 @@ def convert_vision_state(state: Mapping[str, np.ndarray], abstract: Mapping[str,
     Raises:
       ModelLoadError: missing, unexpected or mis-shaped vision-tower parameters.
     """
-    def rename(name, tensor, expected):
-        return hf.transformers_rename_and_reshape(tuple(name.split(".")), np.asarray(tensor), expected, "vision_model")
 
-    return loading.convert_tensors(state, abstract, rename, what="the image encoder", source=source,
-                                   skip=lambda name: not name.startswith("vision_model.") or name.endswith("position_ids"))
+    def rename(name, tensor, expected):
+        return hf.transformers_rename_and_reshape(
+            tuple(name.split(".")), np.asarray(tensor), expected, "vision_model"
+        )
+
+    return loading.convert_tensors(
+        state,
+        abstract,
+        rename,
+        what="the image encoder",
+        source=source,
+        skip=lambda name: not name.startswith("vision_model.") or name.endswith("position_ids"),
+    )
 
 
 def load_encoder_params(
@@ -218,6 +225,7 @@ def load_encoder_params(
         if diff:
             raise ModelLoadError(f"{folder}: not the configured image encoder: {', '.join(diff)}")
     files = _weight_files(folder)
-    tree = convert_vision_state(loading.read_safetensors(files), abstract_encoder_params(config), os.fspath(files[0]))
+    tree = convert_vision_state(
+        loading.read_safetensors(files), abstract_encoder_params(config), os.fspath(files[0])
+    )
     return config, jax.tree_util.tree_map(lambda x: jnp.asarray(x, param_dtype), tree)
-

@@ -139,7 +139,9 @@ def build_hypernet(
     else:
         config = enc.encoder_config(config_name)
         image_encoder = enc.ImageEncoder(config, dtype=dtype)
-        load_encoder = (lambda: enc.load_encoder_params(encoder_path, config)[1]) if encoder_path is not None else None
+        load_encoder = (
+            (lambda: enc.load_encoder_params(encoder_path, config)[1]) if encoder_path is not None else None
+        )
     token_w = dec.token_width(lidb)
     decoder = dec.WeightDecoder(
         num_tokens=len(dec.token_layout(adapters)),
@@ -172,7 +174,9 @@ def _init_fns(module: HyperNetwork) -> tuple[Callable, Callable]:
     encoder = module.encoder.clone(parent=None)
     decoder = module.decoder.clone(parent=None)
     images = jnp.zeros((1, size, size, 3), jnp.float32)
-    shape = jax.eval_shape(lambda k: encoder.apply(encoder.init(k, images), images), jax.random.PRNGKey(0)).shape
+    shape = jax.eval_shape(
+        lambda k: encoder.apply(encoder.init(k, images), images), jax.random.PRNGKey(0)
+    ).shape
     features = jnp.zeros(shape, jnp.float32)  # [1, N, D]
     return (
         lambda k: encoder.init(k, images)["params"],

@@ -39,8 +39,9 @@ class IdentityImageEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        encoder = identity_lib.IdentityEncoder(tuple(self.widths), self.embed_dim, self.resolution, self.groups,
-                                               name="identity")
+        encoder = identity_lib.IdentityEncoder(
+            tuple(self.widths), self.embed_dim, self.resolution, self.groups, name="identity"
+        )
         return encoder(images, tokens=True)
 
 

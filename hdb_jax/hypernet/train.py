@@ -80,11 +80,16 @@ def make_step(sd, net: HyperNetwork, adapters, optimizer, alpha: float, beta: fl
     size = net.image_size
 
     def loss_fn(trainable, frozen, batch, key):
-        tokens = net.apply({"params": {**frozen["hyper"], **trainable}}, enc.resize_images(batch["images"], size),
-                           method=HyperNetwork.predict_tokens)  # [B, n, W]
+        tokens = net.apply(
+            {"params": {**frozen["hyper"], **trainable}},
+            enc.resize_images(batch["images"], size),
+            method=HyperNetwork.predict_tokens,
+        )  # [B, n, W]
         tree = dec.tokens_to_tree(tokens, adapters, net.kind)
         with A.attach_all(adapters, tree, frozen["basis"], per_sample=True):
-            denoise = diffusion.denoising_loss(sd, sched_state, frozen["params"], batch["targets"], batch["input_ids"], key)
+            denoise = diffusion.denoising_loss(
+                sd, sched_state, frozen["params"], batch["targets"], batch["input_ids"], key
+            )
         per_sample = weight_distance(tokens, batch["target_tokens"], net.kind)  # [B]
         weights = batch["has_target"]
         regress = jnp.sum(weights * per_sample) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -110,15 +115,20 @@ def make_eval(sd, net: HyperNetwork, adapters, draws: int = 4):
     sched_state = sd.noise_scheduler.create_state()
 
     def evaluate(trainable, frozen, refs, views, ids, key):
-        tokens = net.apply({"params": {**frozen["hyper"], **trainable}}, enc.resize_images(refs, net.image_size),
-                           method=HyperNetwork.predict_tokens)  # [I, n, W]
+        tokens = net.apply(
+            {"params": {**frozen["hyper"], **trainable}},
+            enc.resize_images(refs, net.image_size),
+            method=HyperNetwork.predict_tokens,
+        )  # [I, n, W]
         v = views.shape[1]
         pixels = views.reshape(-1, *views.shape[2:])  # [I·V, H, W, 3]
 
         def loss(tok):
             tree = dec.tokens_to_tree(jnp.repeat(tok, v, axis=0), adapters, net.kind)
             with A.attach_all(adapters, tree, frozen["basis"], per_sample=True):
-                return diffusion.fixed_draw_loss(sd, sched_state, frozen["params"], pixels, ids, key, draws=draws)
+                return diffusion.fixed_draw_loss(
+                    sd, sched_state, frozen["params"], pixels, ids, key, draws=draws
+                )
 
         return loss(tokens), loss(jnp.zeros_like(tokens))
 
@@ -129,9 +139,16 @@ def make_eval(sd, net: HyperNetwork, adapters, draws: int = 4):
 def _hypernet(config, adapters):
     h = config.hypernet
     return build_hypernet(
-        h.encoder, adapters, A.LiDB(**config.adapter.lidb.to_dict()), iterations=h.iterations, mode=h.mode,
-        num_blocks=h.num_blocks, num_heads=h.num_heads, train_encoder=h.train_encoder,
-        encoder_path=h.encoder_path or None, width=h.width or None,
+        h.encoder,
+        adapters,
+        A.LiDB(**config.adapter.lidb.to_dict()),
+        iterations=h.iterations,
+        mode=h.mode,
+        num_blocks=h.num_blocks,
+        num_heads=h.num_heads,
+        train_encoder=h.train_encoder,
+        encoder_path=h.encoder_path or None,
+        width=h.width or None,
     )
 
 
@@ -148,20 +165,33 @@ def sharded_step(config, sd, net, adapters, optimizer, mesh, abstract_state, abs
     frozen_sh = sharding.tree_shardings(abstract_frozen, mesh, rules)
     data_sh = sharding.batch_sharding(mesh)
     step_fn = make_step(sd, net, adapters, optimizer, config.loss.alpha, config.loss.beta)
-    step = jax.jit(wrap(step_fn) if wrap is not None else step_fn, donate_argnums=(0,),
-                   in_shardings=(state_sh, frozen_sh, data_sh, None), out_shardings=(state_sh, None))
+    step = jax.jit(
+        wrap(step_fn) if wrap is not None else step_fn,
+        donate_argnums=(0,),
+        in_shardings=(state_sh, frozen_sh, data_sh, None),
+        out_shardings=(state_sh, None),
+    )
     return step, state_sh, frozen_sh, data_sh
 
 
 def _with_shardings(tree, shardings):
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def _abstract_basis(adapters, kind: A.LiDB) -> dict:
     """Shapes of the LiDB bases (no QR is run): a_aux [in, a], b_aux [b, out]."""
-    return {c: {t.path: {"a_aux": jax.ShapeDtypeStruct((t.in_dim, kind.a), jnp.float32),
-                         "b_aux": jax.ShapeDtypeStruct((kind.b, t.out_dim), jnp.float32)} for t in a.targets}
-            for c, a in adapters.items()}
+    return {
+        c: {
+            t.path: {
+                "a_aux": jax.ShapeDtypeStruct((t.in_dim, kind.a), jnp.float32),
+                "b_aux": jax.ShapeDtypeStruct((kind.b, t.out_dim), jnp.float32),
+            }
+            for t in a.targets
+        }
+        for c, a in adapters.items()
+    }
 
 
 @dataclasses.dataclass
@@ -183,38 +213,60 @@ def setup(config: ml_collections.ConfigDict, sd, abstract_sd: Mapping[str, Any])
     """Builds mesh, hypernetwork, optimizer and shardings and AOT-compiles the step (shapes only)."""
     mesh = sharding.make_mesh(config.mesh.to_dict())
     if config.batch_size % mesh.size:
-        raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the mesh's {mesh.size} devices")
+        raise ValueError(
+            f"config.batch_size={config.batch_size} must be a multiple of the mesh's {mesh.size} devices"
+        )
     adapters_ = build.adapters(config.adapter, abstract_sd)
     net, init = _hypernet(config, adapters_)
     optimizer = build.optimizer(config.optim, config.steps)
 
     def init_all(k):
         trainable, frozen_h = split_params(net, init(k))
-        return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}, frozen_h
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "trainable": trainable,
+            "opt_state": optimizer.init(trainable),
+        }, frozen_h
 
     abstract_state, abstract_hyper = jax.eval_shape(init_all, jax.random.PRNGKey(0))
-    abstract_frozen = {"params": abstract_sd, "basis": _abstract_basis(adapters_, net.kind), "hyper": abstract_hyper}
-    step, state_sh, frozen_sh, data_sh = sharded_step(config, sd, net, adapters_, optimizer, mesh, abstract_state,
-                                                      abstract_frozen)
+    abstract_frozen = {
+        "params": abstract_sd,
+        "basis": _abstract_basis(adapters_, net.kind),
+        "hyper": abstract_hyper,
+    }
+    step, state_sh, frozen_sh, data_sh = sharded_step(
+        config, sd, net, adapters_, optimizer, mesh, abstract_state, abstract_frozen
+    )
     n_tok, width = len(dec.token_layout(adapters_)), dec.token_width(net.kind)
     b, res = config.batch_size, config.model.resolution
     image = jax.ShapeDtypeStruct((b, res, res, 3), jnp.float32)
-    abstract_batch = {"images": image, "targets": image,
-                      "input_ids": jax.ShapeDtypeStruct((b, sd.max_text_length), jnp.int32),
-                      "target_tokens": jax.ShapeDtypeStruct((b, n_tok, width), jnp.float32),
-                      "has_target": jax.ShapeDtypeStruct((b,), jnp.float32)}
+    abstract_batch = {
+        "images": image,
+        "targets": image,
+        "input_ids": jax.ShapeDtypeStruct((b, sd.max_text_length), jnp.int32),
+        "target_tokens": jax.ShapeDtypeStruct((b, n_tok, width), jnp.float32),
+        "has_target": jax.ShapeDtypeStruct((b,), jnp.float32),
+    }
     t0 = time.perf_counter()
     key = jax.random.PRNGKey(0)
     compiled = step.lower(
-        _with_shardings(abstract_state, state_sh), _with_shardings(abstract_frozen, frozen_sh),
-        _with_shardings(abstract_batch, {k: data_sh for k in abstract_batch}), jax.ShapeDtypeStruct(key.shape, key.dtype),
+        _with_shardings(abstract_state, state_sh),
+        _with_shardings(abstract_frozen, frozen_sh),
+        _with_shardings(abstract_batch, {k: data_sh for k in abstract_batch}),
+        jax.ShapeDtypeStruct(key.shape, key.dtype),
     ).compile()
     memory = compiled.memory_analysis()
-    summary = {"mesh": dict(mesh.shape), "devices": mesh.size, "processes": jax.process_count(),
-               "compile_s": round(time.perf_counter() - t0, 2), "tokens": n_tok, "token_width": width,
-               "trainable_params": int(sum(x.size for x in jax.tree_util.tree_leaves(abstract_state["trainable"]))),
-               "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
-               "argument_bytes": getattr(memory, "argument_size_in_bytes", None)}
+    summary = {
+        "mesh": dict(mesh.shape),
+        "devices": mesh.size,
+        "processes": jax.process_count(),
+        "compile_s": round(time.perf_counter() - t0, 2),
+        "tokens": n_tok,
+        "token_width": width,
+        "trainable_params": int(sum(x.size for x in jax.tree_util.tree_leaves(abstract_state["trainable"]))),
+        "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+        "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
+    }
     if jax.process_index() == 0:
         print("hypernet step: " + json.dumps(summary), flush=True)
     return Setup(mesh, net, adapters_, optimizer, compiled, state_sh, frozen_sh, init_all, summary)
@@ -233,12 +285,24 @@ def evaluate_heldout(config, sd, net, adapters_, params, basis, hyper_params) ->
     if not ids:
         return out
     views = config.data.heldout_views
-    refs, others = hdata.heldout_views(identities_lib.from_config(config.data, config.model.resolution, ids), ids, views)
+    refs, others = hdata.heldout_views(
+        identities_lib.from_config(config.data, config.model.resolution, ids), ids, views
+    )
     prompt = np.asarray(sd.tokenize([config.data.prompt]))[0]
-    frozen = {"params": params, "basis": basis, "hyper": {}}  # evaluation: every hypernet parameter is one tree
+    frozen = {
+        "params": params,
+        "basis": basis,
+        "hyper": {},
+    }  # evaluation: every hypernet parameter is one tree
     evaluate = jax.jit(make_eval(sd, net, adapters_))
-    predicted, zero = evaluate(hyper_params, frozen, jnp.asarray(refs), jnp.asarray(others),
-                               jnp.asarray(np.stack([prompt] * (len(ids) * views))), jax.random.PRNGKey(config.seed + 7))
+    predicted, zero = evaluate(
+        hyper_params,
+        frozen,
+        jnp.asarray(refs),
+        jnp.asarray(others),
+        jnp.asarray(np.stack([prompt] * (len(ids) * views))),
+        jax.random.PRNGKey(config.seed + 7),
+    )
     out.update(predicted=float(predicted), zero=float(zero), identities=len(ids), views=views)
     if config.data.get("heldout_preopt_dir"):
         held_ids, held_tokens = hdata.targets(config.data.heldout_preopt_dir, adapters_, None)
@@ -257,7 +321,9 @@ def _validation(config, sd, s: Setup, params, frozen):
     ids = list(config.data.heldout)[:4]
     if not ids:
         return None
-    refs, _ = hdata.heldout_views(identities_lib.from_config(config.data, config.model.resolution, ids), ids, 1)
+    refs, _ = hdata.heldout_views(
+        identities_lib.from_config(config.data, config.model.resolution, ids), ids, 1
+    )
     basis = jax.device_get(frozen["basis"])
 
     def validate(state, step):
@@ -265,9 +331,21 @@ def _validation(config, sd, s: Setup, params, frozen):
         tokens = hdata.predict_tokens(s.net, hyper, refs, batch=len(ids))
         drawn = []
         for tok in tokens:
-            merged = A.merge_all(params, s.adapters, dec.tokens_to_tree(jnp.asarray(tok), s.adapters, s.net.kind), basis)
-            drawn.append(sample.sample(sd, merged, [config.data.prompt], [0], num_steps=config.get("validate_sample_steps", 20),
-                                       guidance_scale=3.0, batch_size=1, progress=False)[0])
+            merged = A.merge_all(
+                params, s.adapters, dec.tokens_to_tree(jnp.asarray(tok), s.adapters, s.net.kind), basis
+            )
+            drawn.append(
+                sample.sample(
+                    sd,
+                    merged,
+                    [config.data.prompt],
+                    [0],
+                    num_steps=config.get("validate_sample_steps", 20),
+                    guidance_scale=3.0,
+                    batch_size=1,
+                    progress=False,
+                )[0]
+            )
         grid = images.grid(np.concatenate([images.to_uint8(refs), np.stack(drawn)]), cols=len(ids))
         return {"images": {"heldout_predictions": grid}}
 
@@ -288,38 +366,75 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
     if config.data.preopt_dir:
         identities, tokens = hdata.targets(config.data.preopt_dir, s.adapters, basis_hash)
         if config.data.get("max_identities", 0):  # the first N of the dataset (scaling studies)
-            identities, tokens = identities[: config.data.max_identities], tokens[: config.data.max_identities]
+            identities, tokens = (
+                identities[: config.data.max_identities],
+                tokens[: config.data.max_identities],
+            )
     else:
-        identities, tokens = list(identities_lib.from_config(config.data, config.model.resolution).identities), None
+        identities, tokens = (
+            list(identities_lib.from_config(config.data, config.model.resolution).identities),
+            None,
+        )
     source = identities_lib.from_config(config.data, config.model.resolution, identities)
-    data = hdata.Data(source, identities, tokens, np.asarray(sd.tokenize([config.data.prompt]))[0], config.batch_size,
-                      config.data.seed, (n_tok, width), config.data.get("denoise_on", "same"))
+    data = hdata.Data(
+        source,
+        identities,
+        tokens,
+        np.asarray(sd.tokenize([config.data.prompt]))[0],
+        config.batch_size,
+        config.data.seed,
+        (n_tok, width),
+        config.data.get("denoise_on", "same"),
+    )
     state, hyper_frozen = jax.jit(s.init_all, out_shardings=(s.state_sh, s.frozen_sh["hyper"]))(k_hyper)
     frozen = jax.device_put({"params": params, "basis": basis, "hyper": hyper_frozen}, s.frozen_sh)
-    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every) as ckpt, \
-            metrics.Writer(os.path.join(workdir, "tb")) as writer:
+    with (
+        checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every) as ckpt,
+        metrics.Writer(os.path.join(workdir, "tb")) as writer,
+    ):
         start, state = loop.restore(ckpt, state, name="hypernet")  # restored into the state's shardings
         if start:
             print(f"hypernet: on mesh {dict(s.mesh.shape)}")
         validate = _validation(config, sd, s, params, frozen) if config.get("validate_every", 0) else None
-        result = loop.train(state, lambda st, b: _apply(s.compiled, st, b, frozen=frozen, rng=k_train),
-                            lambda step: sharding.global_batch(lambda rows: data.load(step, rows), config.batch_size, s.mesh),
-                            steps=config.steps, checkpointer=ckpt, writer=writer, config=config.to_dict(),
-                            log_every=config.log_every, stop_after=config.get("stop_after", 0), name="hypernet",
-                            start=start, validate=validate, validate_every=config.get("validate_every", 0))
-        out = {"state": result.state, "history": result.history, "summary": s.summary, "workdir": workdir,
-               "basis_hash": basis_hash, "loop": result}
+        result = loop.train(
+            state,
+            lambda st, b: _apply(s.compiled, st, b, frozen=frozen, rng=k_train),
+            lambda step: sharding.global_batch(lambda rows: data.load(step, rows), config.batch_size, s.mesh),
+            steps=config.steps,
+            checkpointer=ckpt,
+            writer=writer,
+            config=config.to_dict(),
+            log_every=config.log_every,
+            stop_after=config.get("stop_after", 0),
+            name="hypernet",
+            start=start,
+            validate=validate,
+            validate_every=config.get("validate_every", 0),
+        )
+        out = {
+            "state": result.state,
+            "history": result.history,
+            "summary": s.summary,
+            "workdir": workdir,
+            "basis_hash": basis_hash,
+            "loop": result,
+        }
         if result.stopped_early:
             return out
         hyper_params = {**jax.device_get(frozen["hyper"]), **jax.device_get(result.state["trainable"])}
         if tokens is not None:
             subset = np.arange(min(len(identities), config.data.get("r2_subset", 256)))
             refs = np.stack([images.to_unit_range(source.views(identities[i], [0])[0]) for i in subset])
-            out["r2_train"] = r_squared(hdata.predict_tokens(s.net, hyper_params, refs), tokens[subset], s.net.kind)
+            out["r2_train"] = r_squared(
+                hdata.predict_tokens(s.net, hyper_params, refs), tokens[subset], s.net.kind
+            )
         host_params = jax.device_get(frozen["params"])
-        out["heldout"] = evaluate_heldout(config, sd, s.net, s.adapters, host_params, jax.device_get(frozen["basis"]),
-                                          hyper_params)
-        writer.scalars(result.step, {f"heldout/{k}": v for k, v in out["heldout"].items() if isinstance(v, float)})
+        out["heldout"] = evaluate_heldout(
+            config, sd, s.net, s.adapters, host_params, jax.device_get(frozen["basis"]), hyper_params
+        )
+        writer.scalars(
+            result.step, {f"heldout/{k}": v for k, v in out["heldout"].items() if isinstance(v, float)}
+        )
         if "r2_train" in out:
             writer.scalars(result.step, {"train/r2": out["r2_train"]})
     if jax.process_index() == 0:
@@ -327,14 +442,26 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
             print("held-out: " + json.dumps(out["heldout"]))
             with open(os.path.join(workdir, "heldout.json"), "w") as f:
                 json.dump({**out["heldout"], "r2_train": out.get("r2_train")}, f, indent=1)
-        out["bundle"] = os.fspath(bundle.save(
-            os.path.join(workdir, "hypernet"), s.net, hyper_params,
-            patterns={"unet": config.adapter.unet_patterns, "text_encoder": config.adapter.text_patterns},
-            arch=config.hypernet.to_dict(), base_fingerprint=params_fingerprint(host_params),
-            basis_file=build.basis_path(config.adapter, workdir), basis_hash=basis_hash,
-            extra={"steps": result.step, "final_loss": result.last(), "identities": len(identities),
-                   "r2_train": out.get("r2_train"), "heldout": out["heldout"], "train_s": round(result.seconds, 1)},
-        ))
+        out["bundle"] = os.fspath(
+            bundle.save(
+                os.path.join(workdir, "hypernet"),
+                s.net,
+                hyper_params,
+                patterns={"unet": config.adapter.unet_patterns, "text_encoder": config.adapter.text_patterns},
+                arch=config.hypernet.to_dict(),
+                base_fingerprint=params_fingerprint(host_params),
+                basis_file=build.basis_path(config.adapter, workdir),
+                basis_hash=basis_hash,
+                extra={
+                    "steps": result.step,
+                    "final_loss": result.last(),
+                    "identities": len(identities),
+                    "r2_train": out.get("r2_train"),
+                    "heldout": out["heldout"],
+                    "train_s": round(result.seconds, 1),
+                },
+            )
+        )
     return out
 
 
@@ -342,11 +469,20 @@ def run(config: ml_collections.ConfigDict) -> dict:
     """Trains (or resumes, or dry-runs) the hypernetwork as ``config`` says."""
     sharding.maybe_initialize_distributed(config.get("distributed"))
     if config.dry_run:
-        sd = tiny_lib.tiny(resolution=config.model.resolution) if config.model.source == "tiny" else model.sd15_shapes()
+        sd = (
+            tiny_lib.tiny(resolution=config.model.resolution)
+            if config.model.source == "tiny"
+            else model.sd15_shapes()
+        )
         s = setup(config, sd, sd.abstract_params(config.model.resolution))
         specs = sharding.describe(s.state_sh["trainable"])
         for path in list(specs)[:6]:
             print(f"  trainable/{path}: {specs[path]}")
-        return {"summary": s.summary, "state_shardings": s.state_sh, "frozen_shardings": s.frozen_sh, "compiled": s.compiled}
+        return {
+            "summary": s.summary,
+            "state_shardings": s.state_sh,
+            "frozen_shardings": s.frozen_sh,
+            "compiled": s.compiled,
+        }
     sd, params = build.base_model(config.model)
     return train(config, sd, params)

@@ -85,7 +85,9 @@ def resolve(source: str | os.PathLike, revision: str | None = None) -> Path:
 def _subfolder(root: Path, name: str) -> Path:
     folder = root / name
     if not folder.is_dir():
-        raise ModelLoadError(f"{root}: missing subfolder '{name}/' (diffusers format expects {', '.join(SUBFOLDERS)})")
+        raise ModelLoadError(
+            f"{root}: missing subfolder '{name}/' (diffusers format expects {', '.join(SUBFOLDERS)})"
+        )
     if not any(folder.iterdir()):
         raise ModelLoadError(f"{folder}: subfolder is empty")
     return folder
@@ -186,9 +188,15 @@ def convert_tensors(
             out[key] = np.asarray(value)
     missing = ["/".join(k) for k in expected if k not in out]
     if unexpected or mismatched or missing:
-        parts = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
-                 if items]
+        parts = [
+            f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", mismatched),
+            )
+            if items
+        ]
         raise ModelLoadError(
             f"{source}: weights do not fit {what}: {'; '.join(parts)}. Is this checkpoint for another base model?"
         )
@@ -204,11 +212,16 @@ def convert_state_dict(
     renaming rules.
     """
     if component == "text_encoder":
+
         def rename(name, tensor, expected):
             return hf.transformers_rename_and_reshape(tuple(name.split(".")), tensor, expected, "text_model")
     else:
+
         def rename(name, tensor, expected):
-            return hf.diffusers_rename_and_reshape(tuple(hf.diffusers_rename_key(name).split(".")), tensor, expected)
+            return hf.diffusers_rename_and_reshape(
+                tuple(hf.diffusers_rename_key(name).split(".")), tensor, expected
+            )
+
     return convert_tensors(state, abstract, rename, what=f"the {component} config", source=source)
 
 
@@ -230,7 +243,9 @@ def _load_component(folder: Path, component: str, abstract, variant: str | None)
 
 
 # -------------------------------------------------------------------- public API
-def load_configs(source: str | os.PathLike, *, dtype=jnp.float32, revision: str | None = None) -> StableDiffusion:
+def load_configs(
+    source: str | os.PathLike, *, dtype=jnp.float32, revision: str | None = None
+) -> StableDiffusion:
     """The model bundle (modules, tokenizer, scheduler) of a diffusers-format model, no weights."""
     root = resolve(source, revision)
     configs = {}
@@ -276,8 +291,12 @@ def load_pretrained(
     root = resolve(source, revision)
     sd = load_configs(root, dtype=dtype)
     sd = StableDiffusion.from_configs(
-        sd.configs, sd.tokenizer, name=os.fspath(source), dtype=dtype,
-        attention=attention, attention_chunk=attention_chunk,
+        sd.configs,
+        sd.tokenizer,
+        name=os.fspath(source),
+        dtype=dtype,
+        attention=attention,
+        attention_chunk=attention_chunk,
     )
     abstract = sd.abstract_params()
     params = {}
@@ -313,16 +332,28 @@ def save_pretrained(
     for component in COMPONENTS:
         folder = root / component
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / _CONFIG_FILES[component]).write_text(json.dumps(sd.configs[component], indent=2, sort_keys=True))
+        (folder / _CONFIG_FILES[component]).write_text(
+            json.dumps(sd.configs[component], indent=2, sort_keys=True)
+        )
         tree = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), params[component])
         (folder / weight_names[component]).write_bytes(serialization.msgpack_serialize(tree))
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
-    (root / "scheduler" / _CONFIG_FILES["scheduler"]).write_text(json.dumps(sd.configs["scheduler"], indent=2, sort_keys=True))
+    (root / "scheduler" / _CONFIG_FILES["scheduler"]).write_text(
+        json.dumps(sd.configs["scheduler"], indent=2, sort_keys=True)
+    )
     sd.tokenizer.save_pretrained(os.fspath(root / "tokenizer"))
     index = {"_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": hf.DIFFUSERS_VERSION}
-    index.update({name: ["diffusers" if name in ("unet", "vae") else "transformers", cls]
-                  for name, cls in (("unet", "FlaxUNet2DConditionModel"), ("vae", "FlaxAutoencoderKL"),
-                                    ("text_encoder", "FlaxCLIPTextModel"), ("tokenizer", "CLIPTokenizer"))})
+    index.update(
+        {
+            name: ["diffusers" if name in ("unet", "vae") else "transformers", cls]
+            for name, cls in (
+                ("unet", "FlaxUNet2DConditionModel"),
+                ("vae", "FlaxAutoencoderKL"),
+                ("text_encoder", "FlaxCLIPTextModel"),
+                ("tokenizer", "CLIPTokenizer"),
+            )
+        }
+    )
     index["scheduler"] = ["diffusers", "FlaxDDPMScheduler"]
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
     return root

@@ -103,8 +103,7 @@ def _module_kwargs(cls, config: Mapping[str, Any], fixed: Mapping[str, Any], whe
         elif key in fixed:
             if value != fixed[key] and not (not value and not fixed[key]):
                 raise ConfigError(
-                    f"{where}: '{key}'={value!r} is not supported by {cls.__name__} "
-                    f"(only {fixed[key]!r})"
+                    f"{where}: '{key}'={value!r} is not supported by {cls.__name__} (only {fixed[key]!r})"
                 )
         elif key not in _IGNORED_KEYS and value not in (None, False):
             # Keys of newer diffusers versions are harmless only at their defaults; we cannot
@@ -317,9 +316,7 @@ class StableDiffusion:
     def encode_text(self, params: Params, input_ids: jax.Array) -> jax.Array:
         """CLIP text features [B, L, D] (the last hidden state, as SD conditions on)."""
         position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-        out = self.text_encoder.apply(
-            {"params": params}, input_ids, jnp.ones_like(input_ids), position_ids
-        )
+        out = self.text_encoder.apply({"params": params}, input_ids, jnp.ones_like(input_ids), position_ids)
         return out[0]
 
     def predict(self, params: Params, latents: jax.Array, timesteps: jax.Array, context: jax.Array):

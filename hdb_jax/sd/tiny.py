@@ -62,8 +62,14 @@ def tiny_configs(
         sample_size=resolution,
     )
     configs["text_encoder"].update(
-        hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=text_layers, vocab_size=vocab_size,
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, projection_dim=text_width,
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        vocab_size=vocab_size,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        projection_dim=text_width,
     )
     return configs
 

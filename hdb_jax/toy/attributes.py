@@ -68,7 +68,10 @@ class AttributeNet(nn.Module):
                 x = nn.relu(nn.GroupNorm(min(self.groups, width), name=f"norm{i}_{j}")(x))
         pooled = jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)
         features = nn.relu(nn.Dense(self.hidden, name="hidden")(pooled))  # [B, hidden]
-        logits = {name: nn.Dense(classes, name=f"head_{name}")(features) for name, classes in synthetic.LABELS.items()}
+        logits = {
+            name: nn.Dense(classes, name=f"head_{name}")(features)
+            for name, classes in synthetic.LABELS.items()
+        }
         logits["face"] = nn.Dense(1, name="head_face")(features)[:, 0]
         return logits, features
 
@@ -89,7 +92,7 @@ class AttributeScorer:
         x = np.asarray(images)
         x = x[None] if x.ndim == 3 else x
         x = to_unit_range(x) if x.dtype == np.uint8 else x.astype(np.float32)
-        outs = [self._apply(self.params, jnp.asarray(x[i:i + batch])) for i in range(0, len(x), batch)]
+        outs = [self._apply(self.params, jnp.asarray(x[i : i + batch])) for i in range(0, len(x), batch)]
         logits = {k: np.concatenate([np.asarray(o[0][k]) for o in outs]) for k in HEADS}
         return logits, np.concatenate([np.asarray(o[1]) for o in outs])
 
@@ -112,7 +115,9 @@ def negatives(rng: np.random.Generator, count: int, resolution: int, seed: int =
     for k in range(count):
         kind = k % 4
         if kind == 0:  # a flat colour field
-            out.append(np.broadcast_to(rng.integers(0, 256, (1, 1, 3)), (resolution, resolution, 3)).astype(np.uint8))
+            out.append(
+                np.broadcast_to(rng.integers(0, 256, (1, 1, 3)), (resolution, resolution, 3)).astype(np.uint8)
+            )
         elif kind in (1, 2):  # smoothed noise at 1/4 or 1/8 of the resolution
             cell = 4 if kind == 1 else 8
             noise = rng.normal(0, 1, (resolution // cell, resolution // cell, 3))
@@ -120,8 +125,11 @@ def negatives(rng: np.random.Generator, count: int, resolution: int, seed: int =
             out.append(np.clip(128 + rng.uniform(30, 90) * noise, 0, 255).astype(np.uint8))
         else:  # a real render with its 4x4 or 8x8 blocks shuffled: a face's colours, no structure
             i = int(rng.integers(0, 10**6))
-            face = synthetic.render_face(synthetic.identity(i, seed), synthetic.variation(i, int(rng.integers(0, 2**30)), seed),
-                                         resolution)
+            face = synthetic.render_face(
+                synthetic.identity(i, seed),
+                synthetic.variation(i, int(rng.integers(0, 2**30)), seed),
+                resolution,
+            )
             out.append(shuffle_blocks(face, 4 if rng.random() < 0.5 else 8, rng))
     return np.stack(out)
 
@@ -129,7 +137,11 @@ def negatives(rng: np.random.Generator, count: int, resolution: int, seed: int =
 def shuffle_blocks(image: np.ndarray, block: int, rng: np.random.Generator) -> np.ndarray:
     """``image [H, W, C]`` with its ``block x block`` tiles permuted."""
     h, w, c = image.shape
-    tiles = image.reshape(h // block, block, w // block, block, c).transpose(0, 2, 1, 3, 4).reshape(-1, block, block, c)
+    tiles = (
+        image.reshape(h // block, block, w // block, block, c)
+        .transpose(0, 2, 1, 3, 4)
+        .reshape(-1, block, block, c)
+    )
     tiles = tiles[rng.permutation(len(tiles))]
     return tiles.reshape(h // block, w // block, block, block, c).transpose(0, 2, 1, 3, 4).reshape(h, w, c)
 
@@ -143,8 +155,13 @@ def load(directory: str | os.PathLike | None = None) -> AttributeScorer:
     """Reads a classifier written by :func:`save` (None: the shipped one)."""
     directory = pathlib.Path(directory) if directory is not None else SHIPPED_DIR
     module, params, meta = store.load(
-        directory, AttributeNet, lambda m: jnp.zeros((1, m.resolution, m.resolution, 3)), error=AttributesWeightsError,
-        what="attribute classifier", hint="python -m hdb_jax.train --config configs/attributes_toy.py")
+        directory,
+        AttributeNet,
+        lambda m: jnp.zeros((1, m.resolution, m.resolution, 3)),
+        error=AttributesWeightsError,
+        what="attribute classifier",
+        hint="python -m hdb_jax.train --config configs/attributes_toy.py",
+    )
     return AttributeScorer(module, params, meta)
 
 

@@ -30,8 +30,10 @@ def _renders(rng: np.random.Generator, count: int, id_range, styles, weights, se
     p = np.asarray(weights, np.float64)
     chosen = [styles[k] for k in rng.choice(len(styles), count, p=p / p.sum())]
     pixels = synthetic.render_batch(ids, index, chosen, seed, resolution)
-    labels = [synthetic.labels(synthetic.identity(int(i), seed), synthetic.variation(int(i), int(j), seed, s))
-              for i, j, s in zip(ids, index, chosen)]
+    labels = [
+        synthetic.labels(synthetic.identity(int(i), seed), synthetic.variation(int(i), int(j), seed, s))
+        for i, j, s in zip(ids, index, chosen)
+    ]
     return pixels, {k: np.asarray([row[k] for row in labels], np.int32) for k in synthetic.LABELS}
 
 
@@ -40,8 +42,15 @@ def batch(config: ml_collections.ConfigDict, step: int, id_range=None) -> dict[s
     d, res = config.data, config.model.resolution
     rng = np.random.default_rng([config.seed, 21, step])
     n_neg = int(round(config.batch_size * d.negative_fraction))
-    pixels, labels = _renders(rng, config.batch_size - n_neg, id_range or d.train_ids, tuple(d.styles),
-                              tuple(d.style_weights), d.seed, res)
+    pixels, labels = _renders(
+        rng,
+        config.batch_size - n_neg,
+        id_range or d.train_ids,
+        tuple(d.styles),
+        tuple(d.style_weights),
+        d.seed,
+        res,
+    )
     neg = negatives(rng, n_neg, res, d.seed)
     out = {k: np.concatenate([v, np.full(n_neg, -1, np.int32)]) for k, v in labels.items()}
     out["face"] = np.concatenate([np.ones(len(pixels), np.float32), np.zeros(n_neg, np.float32)])
@@ -90,27 +99,57 @@ def train(config: ml_collections.ConfigDict) -> dict:
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state, batch_):
-        (loss, parts), grads = jax.value_and_grad(lambda p: loss_fn(module, p, batch_), has_aux=True)(state["params"])
+        (loss, parts), grads = jax.value_and_grad(lambda p: loss_fn(module, p, batch_), has_aux=True)(
+            state["params"]
+        )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, {"loss": loss, **parts}
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, {
+            "loss": loss,
+            **parts,
+        }
 
-    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every) as ckpt, \
-            metrics.Writer(os.path.join(workdir, "tb")) as writer:
-        result = loop.train(state, step, functools.partial(batch, config), steps=config.steps, checkpointer=ckpt,
-                            writer=writer, config=config.to_dict(), log_every=config.log_every,
-                            stop_after=config.get("stop_after", 0), name="attributes")
-    out = {"history": result.history, "step": result.step, "start_step": result.start, "train_seconds": result.seconds,
-           "params": result.state["params"], "out_dir": None}
+    with (
+        checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every) as ckpt,
+        metrics.Writer(os.path.join(workdir, "tb")) as writer,
+    ):
+        result = loop.train(
+            state,
+            step,
+            functools.partial(batch, config),
+            steps=config.steps,
+            checkpointer=ckpt,
+            writer=writer,
+            config=config.to_dict(),
+            log_every=config.log_every,
+            stop_after=config.get("stop_after", 0),
+            name="attributes",
+        )
+    out = {
+        "history": result.history,
+        "step": result.step,
+        "start_step": result.start,
+        "train_seconds": result.seconds,
+        "params": result.state["params"],
+        "out_dir": None,
+    }
     if result.stopped_early:
         return out
     scorer = AttributeScorer(module, result.state["params"])
     heldout = evaluate(scorer, config)
     print("held-out accuracy: " + ", ".join(f"{k} {v}" for k, v in heldout.items()))
-    meta = {"architecture": {"widths": list(module.widths), "hidden": module.hidden, "resolution": module.resolution,
-                             "groups": module.groups},
-            "recipe": {k: config[k].to_dict() for k in ("data", "optim")} | {"steps": config.steps,
-                                                                             "batch_size": config.batch_size},
-            "final_loss": result.last(), "train_seconds": round(result.seconds, 1), "heldout": heldout}
+    meta = {
+        "architecture": {
+            "widths": list(module.widths),
+            "hidden": module.hidden,
+            "resolution": module.resolution,
+            "groups": module.groups,
+        },
+        "recipe": {k: config[k].to_dict() for k in ("data", "optim")}
+        | {"steps": config.steps, "batch_size": config.batch_size},
+        "final_loss": result.last(),
+        "train_seconds": round(result.seconds, 1),
+        "heldout": heldout,
+    }
     out.update(heldout=heldout, meta=meta, out_dir=os.fspath(save(config.out_dir, scorer.params, meta)))
     (Path(config.out_dir) / "MODEL_CARD.md").write_text(model_card(meta))
     return out
@@ -122,33 +161,43 @@ def model_card(meta: dict) -> str:
     styles = list(recipe["data"]["styles"])
     rows = ["| head | " + " | ".join(styles) + " |", "|---|" + "---|" * len(styles)]
     for name in synthetic.LABELS:
-        rows.append(f"| {name} | " + " | ".join(f"{heldout[name][s]:.2f}" if s in heldout[name] else "-" for s in styles) + " |")
-    rows.append("| face (renders taken for faces) | " + " | ".join(f"{heldout['face_on_renders'][s]:.2f}" for s in styles) + " |")
-    return "\n".join([
-        "# Toy attribute classifier",
-        "",
-        "A small CNN that reads the synthetic generator's labels back from an image: the toy world's subject-",
-        "and prompt-fidelity metrics (`hdb_jax.eval.toy`), and its face head and features the realism metric.",
-        "",
-        "## Recipe",
-        f"- Architecture: {meta['architecture']}.",
-        f"- {recipe['steps']} steps, batch {recipe['batch_size']} ({recipe['data']['negative_fraction']:.0%} non-faces: flat colours,"
-        " smoothed noise, block-shuffled renders), fresh identities from"
-        f" {recipe['data']['train_ids']}, styles {styles} with weights {list(recipe['data']['style_weights'])};"
-        f" AdamW lr {recipe['optim']['learning_rate']} ({recipe['optim']['schedule']}).",
-        f"- Training time: {meta['train_seconds']} s on 2 CPU cores; final loss {meta['final_loss']:.3f}.",
-        "",
-        f"## Held-out accuracy (identities {recipe['data']['heldout_ids']}, 600 renders per style)",
-        "",
-        *rows,
-        "",
-        f"Non-faces taken for faces: {heldout['face_on_negatives']:.3f}.",
-        "",
-        "Heads near chance (eye colour, earrings: a few pixels at 32 px) are left out of subject fidelity.",
-        "",
-        "## Reproduce",
-        "```",
-        "python -m hdb_jax.train --config configs/attributes_toy.py",
-        "```",
-        "",
-    ])
+        rows.append(
+            f"| {name} | "
+            + " | ".join(f"{heldout[name][s]:.2f}" if s in heldout[name] else "-" for s in styles)
+            + " |"
+        )
+    rows.append(
+        "| face (renders taken for faces) | "
+        + " | ".join(f"{heldout['face_on_renders'][s]:.2f}" for s in styles)
+        + " |"
+    )
+    return "\n".join(
+        [
+            "# Toy attribute classifier",
+            "",
+            "A small CNN that reads the synthetic generator's labels back from an image: the toy world's subject-",
+            "and prompt-fidelity metrics (`hdb_jax.eval.toy`), and its face head and features the realism metric.",
+            "",
+            "## Recipe",
+            f"- Architecture: {meta['architecture']}.",
+            f"- {recipe['steps']} steps, batch {recipe['batch_size']} ({recipe['data']['negative_fraction']:.0%} non-faces: flat colours,"
+            " smoothed noise, block-shuffled renders), fresh identities from"
+            f" {recipe['data']['train_ids']}, styles {styles} with weights {list(recipe['data']['style_weights'])};"
+            f" AdamW lr {recipe['optim']['learning_rate']} ({recipe['optim']['schedule']}).",
+            f"- Training time: {meta['train_seconds']} s on 2 CPU cores; final loss {meta['final_loss']:.3f}.",
+            "",
+            f"## Held-out accuracy (identities {recipe['data']['heldout_ids']}, 600 renders per style)",
+            "",
+            *rows,
+            "",
+            f"Non-faces taken for faces: {heldout['face_on_negatives']:.3f}.",
+            "",
+            "Heads near chance (eye colour, earrings: a few pixels at 32 px) are left out of subject fidelity.",
+            "",
+            "## Reproduce",
+            "```",
+            "python -m hdb_jax.train --config configs/attributes_toy.py",
+            "```",
+            "",
+        ]
+    )

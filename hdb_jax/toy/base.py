@@ -49,12 +49,20 @@ GRID_PROMPTS = (
 
 CALIBRATION_STEP = 2**31  # the batch the latent scale is measured on: a step no run reaches
 
+
 # -------------------------------------------------------------------- model and data
-def build_model(config: ml_collections.ConfigDict, scaling_factor: float | None = None) -> model.StableDiffusion:
+def build_model(
+    config: ml_collections.ConfigDict, scaling_factor: float | None = None
+) -> model.StableDiffusion:
     """The toy architecture of ``config.model``; ``scaling_factor`` overrides the VAE's."""
     m = config.model
-    sd = tiny_lib.tiny(resolution=m.resolution, unet_channels=tuple(m.unet_channels), vae_channels=tuple(m.vae_channels),
-                    text_width=m.text_width, text_layers=m.text_layers)
+    sd = tiny_lib.tiny(
+        resolution=m.resolution,
+        unet_channels=tuple(m.unet_channels),
+        vae_channels=tuple(m.vae_channels),
+        text_width=m.text_width,
+        text_layers=m.text_layers,
+    )
     if scaling_factor is None:
         return sd
     configs = {k: dict(v) for k, v in sd.configs.items()}
@@ -62,7 +70,9 @@ def build_model(config: ml_collections.ConfigDict, scaling_factor: float | None 
     return model.StableDiffusion.from_configs(configs, sd.tokenizer, name="toy")
 
 
-def toy_caption(ident: synthetic.FaceIdentity, var: synthetic.Variation, rng: np.random.Generator, drop: float) -> str:
+def toy_caption(
+    ident: synthetic.FaceIdentity, var: synthetic.Variation, rng: np.random.Generator, drop: float
+) -> str:
     """A caption of the image with each modifier (style, accessories, background) kept w.p. 1 - drop."""
     keep = lambda: rng.random() >= drop  # noqa: E731
     words = [f"{'an' if var.style[0] in 'aeiou' else 'a'} {var.style} of a face" if keep() else "a face"]
@@ -99,10 +109,20 @@ class FreshFaces:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "FreshFaces":
         d = config.data
-        return cls(tuple(d.train_ids), config.model.resolution, tuple(d.styles), tuple(d.style_weights), d.seed,
-                   d.stream_seed, d.caption_drop, d.uncond_prob)
+        return cls(
+            tuple(d.train_ids),
+            config.model.resolution,
+            tuple(d.styles),
+            tuple(d.style_weights),
+            d.seed,
+            d.stream_seed,
+            d.caption_drop,
+            d.uncond_prob,
+        )
 
-    def draw(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, list[str], np.random.Generator]:
+    def draw(
+        self, step: int, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray, list[str], np.random.Generator]:
         """Identity ids [B], image indices [B] and styles of batch ``step``, plus its caption rng."""
         rng = np.random.default_rng([self.stream_seed, 11, step])
         ids = rng.integers(self.id_range[0], self.id_range[1], batch_size)
@@ -117,8 +137,13 @@ class FreshFaces:
         pixels = synthetic.render_batch(ids, indices, styles, self.world_seed, self.resolution)
         captions = []
         for i, j, style in zip(ids, indices, styles):
-            ident, var = synthetic.identity(int(i), self.world_seed), synthetic.variation(int(i), int(j), self.world_seed, style)
-            captions.append("" if rng.random() < self.uncond_prob else toy_caption(ident, var, rng, self.caption_drop))
+            ident, var = (
+                synthetic.identity(int(i), self.world_seed),
+                synthetic.variation(int(i), int(j), self.world_seed, style),
+            )
+            captions.append(
+                "" if rng.random() < self.uncond_prob else toy_caption(ident, var, rng, self.caption_drop)
+            )
         return {"images": images.to_unit_range(pixels), "input_ids": np.asarray(tokenize(captions), np.int32)}
 
 
@@ -140,9 +165,16 @@ def make_vae_step(sd: model.StableDiffusion, optimizer, kl_weight: float):
 
     def step(state, images, rng):
         key = jax.random.fold_in(rng, state["step"])
-        (loss, aux), grads = jax.value_and_grad(vae_loss, argnums=1, has_aux=True)(sd, state["vae"], images, key, kl_weight)
+        (loss, aux), grads = jax.value_and_grad(vae_loss, argnums=1, has_aux=True)(
+            sd, state["vae"], images, key, kl_weight
+        )
         updates, opt = optimizer.update(grads, state["vae_opt"], state["vae"])
-        new = {**state, "step": state["step"] + 1, "vae": optax.apply_updates(state["vae"], updates), "vae_opt": opt}
+        new = {
+            **state,
+            "step": state["step"] + 1,
+            "vae": optax.apply_updates(state["vae"], updates),
+            "vae_opt": opt,
+        }
         return new, {"loss": loss, **aux}
 
     return jax.jit(step, donate_argnums=(0,))
@@ -153,7 +185,9 @@ def make_unet_step(sd: model.StableDiffusion, optimizer, ema_decay: float):
     sched = sd.noise_scheduler.create_state()
 
     def loss_fn(trainable, vae, batch, key):
-        return diffusion.denoising_loss(sd, sched, {**trainable, "vae": vae}, batch["images"], batch["input_ids"], key)
+        return diffusion.denoising_loss(
+            sd, sched, {**trainable, "vae": vae}, batch["images"], batch["input_ids"], key
+        )
 
     def step(state, batch, rng):
         key = jax.random.fold_in(rng, state["step"])
@@ -178,22 +212,38 @@ def _latent_scale(sd: model.StableDiffusion, vae_params, images: np.ndarray) -> 
 def _init_state(sd, key, vae_opt, unet_opt) -> dict:
     params = sd.random_params(key)
     denoiser = {"unet": params["unet"], "text_encoder": params["text_encoder"]}
-    return {"step": jnp.zeros((), jnp.int32), "vae": params["vae"], "vae_opt": vae_opt.init(params["vae"]),
-            "denoiser": denoiser, "denoiser_opt": unet_opt.init(denoiser), "ema": jax.tree_util.tree_map(jnp.copy, denoiser),
-            "scaling_factor": jnp.asarray(sd.scaling_factor, jnp.float32)}
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "vae": params["vae"],
+        "vae_opt": vae_opt.init(params["vae"]),
+        "denoiser": denoiser,
+        "denoiser_opt": unet_opt.init(denoiser),
+        "ema": jax.tree_util.tree_map(jnp.copy, denoiser),
+        "scaling_factor": jnp.asarray(sd.scaling_factor, jnp.float32),
+    }
 
 
 def _grid_prompts_and_seeds(seeds: int) -> tuple[list[str], list[int]]:
     return [p for p in GRID_PROMPTS for _ in range(seeds)], list(range(seeds)) * len(GRID_PROMPTS)
 
 
-def sample_grid(config: ml_collections.ConfigDict, sd: model.StableDiffusion, params, seeds: int) -> np.ndarray:
+def sample_grid(
+    config: ml_collections.ConfigDict, sd: model.StableDiffusion, params, seeds: int
+) -> np.ndarray:
     """uint8 samples of every :data:`GRID_PROMPTS` row x ``seeds`` seeds, prompt-major."""
     from hdb_jax import sample
 
     prompts, seed_list = _grid_prompts_and_seeds(seeds)
-    return sample.sample(sd, params, prompts, seed_list, num_steps=config.sample_steps,
-                         guidance_scale=config.guidance_scale, batch_size=seeds, progress=False)
+    return sample.sample(
+        sd,
+        params,
+        prompts,
+        seed_list,
+        num_steps=config.sample_steps,
+        guidance_scale=config.guidance_scale,
+        batch_size=seeds,
+        progress=False,
+    )
 
 
 def train(config: ml_collections.ConfigDict) -> dict:
@@ -212,16 +262,27 @@ def train(config: ml_collections.ConfigDict) -> dict:
     state = _init_state(sd, k_init, vae_opt, unet_opt)
     history: dict[str, dict[int, float]] = {"vae": {}, "unet": {}}
     runs = []
-    with checkpoint.Checkpointer(workdir / "checkpoints", every=c.checkpoint_every) as ckpt, \
-            metrics.Writer(workdir / "tb") as writer:
+    with (
+        checkpoint.Checkpointer(workdir / "checkpoints", every=c.checkpoint_every) as ckpt,
+        metrics.Writer(workdir / "tb") as writer,
+    ):
         start, state = loop.restore(ckpt, state, name="toy base")
         batch_fn = lambda step: data.batch(step, c.batch_size, sd.tokenize)  # noqa: E731
         common = dict(checkpointer=ckpt, writer=writer, config=c.to_dict(), log_every=c.log_every)
         budget = c.stop_after
         if start < c.vae_steps:
             vae_step = make_vae_step(sd, vae_opt, c.kl_weight)
-            run = loop.train(state, lambda st, b: vae_step(st, b["images"], k_train), batch_fn, steps=c.vae_steps,
-                             stop_after=budget, name="toy base (VAE)", prefix="vae/", start=start, **common)
+            run = loop.train(
+                state,
+                lambda st, b: vae_step(st, b["images"], k_train),
+                batch_fn,
+                steps=c.vae_steps,
+                stop_after=budget,
+                name="toy base (VAE)",
+                prefix="vae/",
+                start=start,
+                **common,
+            )
             runs.append(run)
             history["vae"] = {s: h["loss"] for s, h in run.history.items()}
             state = run.state
@@ -230,8 +291,9 @@ def train(config: ml_collections.ConfigDict) -> dict:
                 return _result(c, sd, state, history, runs, run.step, done=False, workdir=workdir)
         if start <= c.vae_steps:  # the switch: measure the latent scale once, keep it in the state
             calibration = data.batch(CALIBRATION_STEP, 256, sd.tokenize)["images"]
-            state["scaling_factor"] = jnp.asarray(c.latent_std_target * _latent_scale(sd, state["vae"], calibration),
-                                                  jnp.float32)
+            state["scaling_factor"] = jnp.asarray(
+                c.latent_std_target * _latent_scale(sd, state["vae"], calibration), jnp.float32
+            )
         sd = build_model(c, float(state["scaling_factor"]))
         unet_step = make_unet_step(sd, unet_opt, c.ema_decay)
         grid_seeds = c.get("validate_seeds", 2)
@@ -240,18 +302,43 @@ def train(config: ml_collections.ConfigDict) -> dict:
             grid = sample_grid(c, sd, final_params(jax.device_get(st)), grid_seeds)
             return {"images": {"samples": images.grid(grid, cols=grid_seeds * 7)}}
 
-        run = loop.train(state, lambda st, b: unet_step(st, b, k_train), batch_fn, steps=total, stop_after=budget,
-                         validate=validate if c.get("validate_every", 0) else None, validate_every=c.get("validate_every", 0),
-                         name="toy base (UNet)", prefix="unet/", start=max(start, c.vae_steps), **common)
+        run = loop.train(
+            state,
+            lambda st, b: unet_step(st, b, k_train),
+            batch_fn,
+            steps=total,
+            stop_after=budget,
+            validate=validate if c.get("validate_every", 0) else None,
+            validate_every=c.get("validate_every", 0),
+            name="toy base (UNet)",
+            prefix="unet/",
+            start=max(start, c.vae_steps),
+            **common,
+        )
         runs.append(run)
         history["unet"] = {s: h["loss"] for s, h in run.history.items()}
-    return _result(c, sd, run.state, history, runs, run.step, done=not run.stopped_early and run.step >= total,
-                   workdir=workdir)
+    return _result(
+        c,
+        sd,
+        run.state,
+        history,
+        runs,
+        run.step,
+        done=not run.stopped_early and run.step >= total,
+        workdir=workdir,
+    )
 
 
 def _result(config, sd, state, history, runs, step, *, done: bool, workdir) -> dict:
-    result = {"state": state, "history": history, "steps_run": sum(r.steps_run for r in runs), "step": step, "sd": sd,
-              "train_s": sum(r.seconds for r in runs), "workdir": os.fspath(workdir)}
+    result = {
+        "state": state,
+        "history": history,
+        "steps_run": sum(r.steps_run for r in runs),
+        "step": step,
+        "sd": sd,
+        "train_s": sum(r.seconds for r in runs),
+        "workdir": os.fspath(workdir),
+    }
     if done:
         result.update(finish(config, sd, state, result))
     return result
@@ -262,51 +349,89 @@ def final_params(state: Mapping[str, Any]) -> dict:
     return {"vae": state["vae"], **state["ema"]}
 
 
-def heldout_set(config: ml_collections.ConfigDict, sd: model.StableDiffusion) -> tuple[np.ndarray, np.ndarray]:
+def heldout_set(
+    config: ml_collections.ConfigDict, sd: model.StableDiffusion
+) -> tuple[np.ndarray, np.ndarray]:
     """Held-out identities' images (float NHWC in [-1, 1]) and their full captions (token ids)."""
     d = config.data
     ids = list(range(d.heldout_start, d.heldout_start + d.heldout_identities))
     styles = [d.styles[k % len(d.styles)] for k in range(len(ids))]
     pixels = synthetic.render_batch(ids, [0] * len(ids), styles, d.seed, config.model.resolution)
-    captions = [toy_caption(synthetic.identity(i, d.seed), synthetic.variation(i, 0, d.seed, s), np.random.default_rng(0), 0.0)
-                for i, s in zip(ids, styles)]
+    captions = [
+        toy_caption(
+            synthetic.identity(i, d.seed), synthetic.variation(i, 0, d.seed, s), np.random.default_rng(0), 0.0
+        )
+        for i, s in zip(ids, styles)
+    ]
     return images.to_unit_range(pixels), np.asarray(sd.tokenize(captions), np.int32)
 
 
-def finish(config: ml_collections.ConfigDict, sd: model.StableDiffusion, state, result: Mapping[str, Any]) -> dict:
+def finish(
+    config: ml_collections.ConfigDict, sd: model.StableDiffusion, state, result: Mapping[str, Any]
+) -> dict:
     """Held-out loss, the toy evaluation, export of the EMA model, sample grid and model card."""
     from hdb_jax.toy import base_card
 
     # Every figure is measured on the weights as shipped (rounded to the export dtype), so anyone
     # can reproduce it from the files.
     dtype = jnp.float16 if config.export_dtype == "float16" else jnp.float32
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype).astype(jnp.float32), final_params(jax.device_get(state)))
+    params = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x, dtype).astype(jnp.float32), final_params(jax.device_get(state))
+    )
     pixels, ids = heldout_set(config, sd)
-    heldout = float(diffusion.make_heldout_loss(sd, 8)(params, jnp.asarray(pixels), jnp.asarray(ids),
-                                                       jax.random.PRNGKey(config.seed + 1)))
-    recon = images.to_uint8(sd.decode_latents(params["vae"], sd.encode_images(params["vae"], jnp.asarray(pixels[:8]))))
-    info = {"heldout_loss": heldout, "vae_final_loss": _last(result["history"]["vae"]),
-            "unet_final_loss": _last(result["history"]["unet"]), "scaling_factor": float(state["scaling_factor"]),
-            "train_s": round(result["train_s"], 1), "steps_run": result["steps_run"], "step": result["step"],
-            "vae_heldout_psnr": round(_psnr(images.to_uint8(pixels[:8]), recon), 2)}
+    heldout = float(
+        diffusion.make_heldout_loss(sd, 8)(
+            params, jnp.asarray(pixels), jnp.asarray(ids), jax.random.PRNGKey(config.seed + 1)
+        )
+    )
+    recon = images.to_uint8(
+        sd.decode_latents(params["vae"], sd.encode_images(params["vae"], jnp.asarray(pixels[:8])))
+    )
+    info = {
+        "heldout_loss": heldout,
+        "vae_final_loss": _last(result["history"]["vae"]),
+        "unet_final_loss": _last(result["history"]["unet"]),
+        "scaling_factor": float(state["scaling_factor"]),
+        "train_s": round(result["train_s"], 1),
+        "steps_run": result["steps_run"],
+        "step": result["step"],
+        "vae_heldout_psnr": round(_psnr(images.to_uint8(pixels[:8]), recon), 2),
+    }
     if config.eval.face_seeds:
         from hdb_jax import sample
         from hdb_jax.eval import toy as toy_eval
 
         def draw(prompts, seeds):
-            return sample.sample(sd, params, prompts, seeds, num_steps=config.sample_steps,
-                                 guidance_scale=config.guidance_scale, batch_size=32, progress=False)
+            return sample.sample(
+                sd,
+                params,
+                prompts,
+                seeds,
+                num_steps=config.sample_steps,
+                guidance_scale=config.guidance_scale,
+                batch_size=32,
+                progress=False,
+            )
 
-        info.update(toy_eval.evaluate_base(toy_eval.ToyEvaluator.load(), draw, face_seeds=config.eval.face_seeds,
-                                           modifier_seeds=config.eval.modifier_seeds))
+        info.update(
+            toy_eval.evaluate_base(
+                toy_eval.ToyEvaluator.load(),
+                draw,
+                face_seeds=config.eval.face_seeds,
+                modifier_seeds=config.eval.modifier_seeds,
+            )
+        )
     print("toy base model: " + json.dumps({k: v for k, v in info.items() if not isinstance(v, dict)}))
     if jax.process_index() != 0 or not config.out_dir:
         return info
     out = Path(config.out_dir)
     loading.save_pretrained(out, sd, params, dtype=dtype)
-    images.save_grid(sample_grid(config, sd, params, config.grid_seeds), out / "samples.png", cols=config.grid_seeds)
-    (out / "training.json").write_text(json.dumps({**info, "history": result["history"], "config": config.to_dict()},
-                                                  indent=1, default=str))
+    images.save_grid(
+        sample_grid(config, sd, params, config.grid_seeds), out / "samples.png", cols=config.grid_seeds
+    )
+    (out / "training.json").write_text(
+        json.dumps({**info, "history": result["history"], "config": config.to_dict()}, indent=1, default=str)
+    )
     (out / "MODEL_CARD.md").write_text(base_card.model_card(config, info, GRID_PROMPTS))
     return {**info, "out_dir": os.fspath(out)}
 
@@ -317,7 +442,7 @@ def _last(history: Mapping[int, float]) -> float | None:
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean(np.square(a.astype(np.float64) - b.astype(np.float64)))
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
 
 
 def run(config: ml_collections.ConfigDict) -> dict:

@@ -20,7 +20,9 @@ def _modifier_table(info: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def model_card(config: ml_collections.ConfigDict, info: Mapping[str, Any], grid_prompts: Sequence[str]) -> str:
+def model_card(
+    config: ml_collections.ConfigDict, info: Mapping[str, Any], grid_prompts: Sequence[str]
+) -> str:
     """The card of the model ``config`` describes, with the figures ``info`` holds (none typed in)."""
     m, d = config.model, config.data
     side = m.resolution // 2 ** (len(m.vae_channels) - 1)
@@ -61,7 +63,7 @@ def model_card(config: ml_collections.ConfigDict, info: Mapping[str, Any], grid_
     ]
     if evaluated:
         lines += [
-            f"- \"a face\", {info['face_seeds']} seeds, against {info['real']} real renders of unseen identities"
+            f'- "a face", {info["face_seeds"]} seeds, against {info["real"]} real renders of unseen identities'
             f" (k-NN, k={info['k']}, in the toy attribute classifier's feature space): precision"
             f" {info['precision']:.3f}, recall {info['recall']:.3f}; non-face samples {info['non_face_fraction']:.3f}.",
             f"- Prompt modifiers ({info['modifier_seeds']} seeds each; the attribute classifier decides):",
@@ -77,7 +79,7 @@ def model_card(config: ml_collections.ConfigDict, info: Mapping[str, Any], grid_
         f"`samples.png`: rows are the prompts below, columns seeds 0-{config.grid_seeds - 1} (DDIM {config.sample_steps}"
         f" steps, guidance {config.guidance_scale}).",
         "",
-        *[f"{i + 1}. \"{p}\"" for i, p in enumerate(grid_prompts)],
+        *[f'{i + 1}. "{p}"' for i, p in enumerate(grid_prompts)],
         "",
         "## Reproduce",
         "```",

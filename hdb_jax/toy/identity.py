@@ -120,21 +120,43 @@ class IdentityScorer:
         return jnp.sum(self.embed(images) * ref, axis=-1)
 
 
-def render(identities: Sequence[int], indices: Sequence[int], styles: Sequence[str], seed: int,
-           resolution: int) -> np.ndarray:
+def render(
+    identities: Sequence[int], indices: Sequence[int], styles: Sequence[str], seed: int, resolution: int
+) -> np.ndarray:
     """Renders image ``indices[i]`` of identity ``identities[i]`` in ``styles[i]``: uint8 [N, R, R, 3]."""
-    return np.stack([
-        synthetic.render_face(synthetic.identity(int(i), seed),
-                              synthetic.variation(int(i), int(j), seed, style=str(s)), resolution)
-        for i, j, s in zip(identities, indices, styles)])
+    return np.stack(
+        [
+            synthetic.render_face(
+                synthetic.identity(int(i), seed),
+                synthetic.variation(int(i), int(j), seed, style=str(s)),
+                resolution,
+            )
+            for i, j, s in zip(identities, indices, styles)
+        ]
+    )
 
 
 def attribute_vector(ident: synthetic.FaceIdentity) -> np.ndarray:
     """The generator's attributes of one identity as a float32 vector (colours, one-hots, geometry)."""
-    colors = [ident.skin, ident.hair_color, ident.eye_color, ident.shirt_color,
-              np.multiply(ident.hat_color, ident.hat), np.multiply(ident.glasses_color, ident.glasses)]
-    scalars = [ident.glasses, ident.hat, ident.earrings, ident.face_ratio, ident.hair_part,
-               ident.eye_spacing, ident.eye_height, ident.nose_length, ident.mouth_width]
+    colors = [
+        ident.skin,
+        ident.hair_color,
+        ident.eye_color,
+        ident.shirt_color,
+        np.multiply(ident.hat_color, ident.hat),
+        np.multiply(ident.glasses_color, ident.glasses),
+    ]
+    scalars = [
+        ident.glasses,
+        ident.hat,
+        ident.earrings,
+        ident.face_ratio,
+        ident.hair_part,
+        ident.eye_spacing,
+        ident.eye_height,
+        ident.nose_length,
+        ident.mouth_width,
+    ]
     return np.concatenate([*colors, np.eye(3)[ident.hair_style], scalars]).astype(np.float32)
 
 
@@ -158,8 +180,13 @@ def load(directory: str | os.PathLike | None = None) -> IdentityScorer:
     """
     directory = pathlib.Path(directory) if directory is not None else SHIPPED_DIR
     module, params, meta = store.load(
-        directory, IdentityEncoder, lambda m: jnp.zeros((1, m.resolution, m.resolution, 3)), error=IdentityWeightsError,
-        what="identity encoder", hint="python -m hdb_jax.train --config configs/identity_toy.py")
+        directory,
+        IdentityEncoder,
+        lambda m: jnp.zeros((1, m.resolution, m.resolution, 3)),
+        error=IdentityWeightsError,
+        what="identity encoder",
+        hint="python -m hdb_jax.train --config configs/identity_toy.py",
+    )
     return IdentityScorer(module, params, meta)
 
 
@@ -182,9 +209,15 @@ def identity_similarity(images: Any, reference: Any, scorer: IdentityScorer | No
     return (scorer if scorer is not None else _shipped()).similarity(images, reference)
 
 
-def evaluate_retrieval(params_or_encoder: Any, identities: Sequence[int], seed: int = 0, *,
-                       queries_per_identity: int = 3, styles: Sequence[str] = ("photo", "cartoon"),
-                       module: IdentityEncoder | None = None) -> dict:
+def evaluate_retrieval(
+    params_or_encoder: Any,
+    identities: Sequence[int],
+    seed: int = 0,
+    *,
+    queries_per_identity: int = 3,
+    styles: Sequence[str] = ("photo", "cartoon"),
+    module: IdentityEncoder | None = None,
+) -> dict:
     """Nearest-identity retrieval: a photo gallery (image 0 per identity) against other renders.
 
     Args:
@@ -201,8 +234,11 @@ def evaluate_retrieval(params_or_encoder: Any, identities: Sequence[int], seed: 
       ``chance`` (1 / #identities), ``mean_positive`` / ``mean_negative`` (query-gallery cosine
       to the own / other identities) and the counts.
     """
-    scorer = (params_or_encoder if isinstance(params_or_encoder, IdentityScorer)
-              else IdentityScorer(module or IdentityEncoder(), params_or_encoder))
+    scorer = (
+        params_or_encoder
+        if isinstance(params_or_encoder, IdentityScorer)
+        else IdentityScorer(module or IdentityEncoder(), params_or_encoder)
+    )
     ids, k = [int(i) for i in identities], queries_per_identity
     resolution = scorer.module.resolution
     gallery = scorer.embed(render(ids, [0] * len(ids), ["photo"] * len(ids), seed, resolution))
@@ -211,9 +247,11 @@ def evaluate_retrieval(params_or_encoder: Any, identities: Sequence[int], seed: 
     sims = np.asarray(scorer.embed(queries) @ gallery.T)  # [Q, G]
     own = np.repeat(np.arange(len(ids)), k)
     positive = sims[np.arange(len(own)), own]
-    return {"top1": float(np.mean(sims.argmax(1) == own)), "chance": 1.0 / len(ids),
-            "mean_positive": float(positive.mean()),
-            "mean_negative": float((sims.sum(1) - positive).sum() / (sims.size - len(own))),
-            "num_identities": len(ids), "num_queries": len(own)}
-
-
+    return {
+        "top1": float(np.mean(sims.argmax(1) == own)),
+        "chance": 1.0 / len(ids),
+        "mean_positive": float(positive.mean()),
+        "mean_negative": float((sims.sum(1) - positive).sum() / (sims.size - len(own))),
+        "num_identities": len(ids),
+        "num_queries": len(own),
+    }

@@ -41,16 +41,22 @@ def supcon_loss(embeddings: jax.Array, labels: jax.Array, temperature: float) ->
     return -jnp.mean(jnp.sum(jnp.where(positives, log_prob, 0.0), -1) / positives.sum(-1))
 
 
-def _training_batch(config: ml_collections.ConfigDict, rng: np.random.Generator,
-                    attr_mean: np.ndarray, attr_std: np.ndarray) -> dict:
+def _training_batch(
+    config: ml_collections.ConfigDict, rng: np.random.Generator, attr_mean: np.ndarray, attr_std: np.ndarray
+) -> dict:
     d = config.data
     chosen = rng.choice(d.train_identities, d.identities_per_batch, replace=False)
     ids = np.repeat(chosen, d.views_per_identity)
     indices = rng.integers(0, 2**31 - 1, ids.size)  # fresh pose, lighting and background
-    pixels = synthetic.render_batch(ids, indices, rng.choice(d.styles, ids.size), d.seed, config.model.resolution)
+    pixels = synthetic.render_batch(
+        ids, indices, rng.choice(d.styles, ids.size), d.seed, config.model.resolution
+    )
     attrs = np.stack([attribute_vector(synthetic.identity(int(i), d.seed)) for i in ids])
-    return {"images": images.to_unit_range(pixels), "labels": ids.astype(np.int32),
-            "attributes": (attrs - attr_mean) / attr_std}
+    return {
+        "images": images.to_unit_range(pixels),
+        "labels": ids.astype(np.int32),
+        "attributes": (attrs - attr_mean) / attr_std,
+    }
 
 
 def train(config: ml_collections.ConfigDict) -> dict:
@@ -66,17 +72,24 @@ def train(config: ml_collections.ConfigDict) -> dict:
       ``out_dir`` (None when stopped early by SIGTERM).
     """
     workdir = os.path.abspath(config.workdir)
-    encoder = IdentityEncoder(tuple(config.model.widths), config.model.embed_dim, config.model.resolution,
-                              config.model.groups)
-    attr_table = np.stack([attribute_vector(synthetic.identity(i, config.data.seed))
-                           for i in range(min(config.data.train_identities, 4096))])
+    encoder = IdentityEncoder(
+        tuple(config.model.widths), config.model.embed_dim, config.model.resolution, config.model.groups
+    )
+    attr_table = np.stack(
+        [
+            attribute_vector(synthetic.identity(i, config.data.seed))
+            for i in range(min(config.data.train_identities, 4096))
+        ]
+    )
     attr_mean, attr_std = attr_table.mean(0), attr_table.std(0) + 1e-3
     head = nn.Dense(attr_table.shape[1])
     k_enc, k_head = jax.random.split(jax.random.PRNGKey(config.seed))
     dummy = jnp.zeros((1, config.model.resolution, config.model.resolution, 3))
     enc_params = encoder.init(k_enc, dummy)
-    params = {"encoder": enc_params,
-              "head": head.init(k_head, encoder.apply(enc_params, dummy, with_features=True)[1])}
+    params = {
+        "encoder": enc_params,
+        "head": head.init(k_head, encoder.apply(enc_params, dummy, with_features=True)[1]),
+    }
     optimizer = build.optimizer(config.optim, config.steps)
     state = {"params": params, "opt_state": optimizer.init(params)}
 
@@ -90,38 +103,76 @@ def train(config: ml_collections.ConfigDict) -> dict:
     def train_step(state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, {"loss": loss}
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, {
+            "loss": loss
+        }
 
     def batch_fn(step):
         return _training_batch(config, np.random.default_rng([config.seed, 3, step]), attr_mean, attr_std)
 
     fixed = _training_batch(config, np.random.default_rng([config.seed, 4]), attr_mean, attr_std)
     eval_loss = jax.jit(lambda p: loss_fn(p, fixed))
-    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every) as ckpt, \
-            metrics.Writer(os.path.join(workdir, "tb")) as writer:
+    with (
+        checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every) as ckpt,
+        metrics.Writer(os.path.join(workdir, "tb")) as writer,
+    ):
         start, state = loop.restore(ckpt, state, name="identity")
         evals = {"start": float(eval_loss(state["params"]))}
-        result = loop.train(state, train_step, batch_fn, steps=config.steps, checkpointer=ckpt, writer=writer,
-                            config=config.to_dict(), log_every=config.log_every, stop_after=config.get("stop_after", 0),
-                            name="identity", start=start)
+        result = loop.train(
+            state,
+            train_step,
+            batch_fn,
+            steps=config.steps,
+            checkpointer=ckpt,
+            writer=writer,
+            config=config.to_dict(),
+            log_every=config.log_every,
+            stop_after=config.get("stop_after", 0),
+            name="identity",
+            start=start,
+        )
     state = result.state
     evals["end"] = float(eval_loss(state["params"]))
-    out = {"losses": {s: h["loss"] for s, h in result.history.items()}, "eval_loss": evals,
-           "train_seconds": result.seconds, "start_step": result.start, "step": result.step,
-           "params": state["params"]["encoder"], "out_dir": None}
+    out = {
+        "losses": {s: h["loss"] for s, h in result.history.items()},
+        "eval_loss": evals,
+        "train_seconds": result.seconds,
+        "start_step": result.start,
+        "step": result.step,
+        "params": state["params"]["encoder"],
+        "out_dir": None,
+    }
     if result.stopped_early:
         return out
 
     scorer = IdentityScorer(encoder, state["params"]["encoder"])
     heldout = range(config.eval.heldout_start, config.eval.heldout_start + config.eval.heldout_count)
-    retrieval = evaluate_retrieval(scorer, heldout, config.data.seed, styles=tuple(config.data.styles),
-                                   queries_per_identity=config.eval.queries_per_identity)
+    retrieval = evaluate_retrieval(
+        scorer,
+        heldout,
+        config.data.seed,
+        styles=tuple(config.data.styles),
+        queries_per_identity=config.eval.queries_per_identity,
+    )
     print(f"held-out retrieval top-1 {retrieval['top1']:.3f} (chance {retrieval['chance']:.3f})")
-    meta = {"architecture": {"widths": list(encoder.widths), "embed_dim": encoder.embed_dim,
-                             "resolution": encoder.resolution, "groups": encoder.groups},
-            "recipe": {k: config[k].to_dict() for k in ("data", "loss", "optim")} | {"steps": config.steps},
-            "final_loss": out["losses"].get(result.step), "eval_loss": evals, "train_seconds": result.seconds,
-            "retrieval": retrieval, "heldout_identities": [heldout.start, heldout.stop]}
-    out.update(retrieval=retrieval, top1=retrieval["top1"], meta=meta,
-               out_dir=os.fspath(save(config.out_dir, scorer.params, meta)))
+    meta = {
+        "architecture": {
+            "widths": list(encoder.widths),
+            "embed_dim": encoder.embed_dim,
+            "resolution": encoder.resolution,
+            "groups": encoder.groups,
+        },
+        "recipe": {k: config[k].to_dict() for k in ("data", "loss", "optim")} | {"steps": config.steps},
+        "final_loss": out["losses"].get(result.step),
+        "eval_loss": evals,
+        "train_seconds": result.seconds,
+        "retrieval": retrieval,
+        "heldout_identities": [heldout.start, heldout.stop],
+    }
+    out.update(
+        retrieval=retrieval,
+        top1=retrieval["top1"],
+        meta=meta,
+        out_dir=os.fspath(save(config.out_dir, scorer.params, meta)),
+    )
     return out

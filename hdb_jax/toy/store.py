@@ -41,8 +41,15 @@ def save(directory: str | os.PathLike, params: Any, meta: dict, *, format: str) 
     return directory
 
 
-def load(directory: pathlib.Path, build: Callable[..., Any], example: Callable[[Any], jax.ShapeDtypeStruct], *,
-         error: type[Exception], what: str, hint: str) -> tuple[Any, Any, dict]:
+def load(
+    directory: pathlib.Path,
+    build: Callable[..., Any],
+    example: Callable[[Any], jax.ShapeDtypeStruct],
+    *,
+    error: type[Exception],
+    what: str,
+    hint: str,
+) -> tuple[Any, Any, dict]:
     """Reads a folder written by :func:`save` and checks the parameters fit the architecture.
 
     Args:
@@ -57,7 +64,9 @@ def load(directory: pathlib.Path, build: Callable[..., Any], example: Callable[[
       ``(module, variables, meta)``.
     """
     if not (directory / CONFIG_NAME).is_file() or not (directory / PARAMS_NAME).is_file():
-        raise error(f"{directory}: no {what} weights (needs {CONFIG_NAME} and {PARAMS_NAME}); train them with: {hint}")
+        raise error(
+            f"{directory}: no {what} weights (needs {CONFIG_NAME} and {PARAMS_NAME}); train them with: {hint}"
+        )
     try:
         meta = json.loads((directory / CONFIG_NAME).read_text())
         arch = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["architecture"].items()}
