@@ -24,7 +24,7 @@ demo: venv
 	$(PY) -m hdb_jax.train --config configs/demo.py
 
 test: venv-test lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # One formatter and one linter; `make test` (and so CI) fails on unformatted or lint-failing code.
 lint: venv-test

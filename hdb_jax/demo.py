@@ -115,7 +115,7 @@ def evaluate(config, sd, params, p: Personalizer, evaluator, workdir: Path) -> d
                 )
             elif row != "oracle":
                 made[i] = demo_methods.fast(
-                    row, p, refs[i], jax.random.PRNGKey(config.seed + i), out_dir, e.k_short
+                    row, p, refs[i], jax.random.PRNGKey(config.seed + i), out_dir, e.k_short, identity=i
                 )
             drawn = draw(made[i].params)
             result = _score(evaluator, e, drawn, refs[i], real)

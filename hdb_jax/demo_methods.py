@@ -66,7 +66,7 @@ def _file_bytes(path) -> int:
     return os.path.getsize(path)
 
 
-def _lidb_file(p: Personalizer, tree, path) -> int:
+def _lidb_file(p: Personalizer, tree, path, extra) -> int:
     """Bytes of ``tree`` (LiDB factors) as a personal weights file."""
     personal.save_personal(
         path,
@@ -74,14 +74,21 @@ def _lidb_file(p: Personalizer, tree, path) -> int:
         jax.device_get(tree),
         base_fingerprint=p.fingerprint,
         basis_hash=p.bundle.basis_hash,
+        extra=extra,
     )
     return _file_bytes(path)
 
 
 def fast(
-    row: str, p: Personalizer, reference: np.ndarray, key: jax.Array, out_dir: str, k_short: int
+    row: str,
+    p: Personalizer,
+    reference: np.ndarray,
+    key: jax.Array,
+    out_dir: str,
+    k_short: int,
+    identity: int | None = None,
 ) -> Personal:
-    """A hypernetwork / finetune row for one reference (uint8 [H, W, 3])."""
+    """A hypernetwork / finetune row for one reference (uint8 [H, W, 3]); files record ``identity``."""
     os.makedirs(out_dir, exist_ok=True)
     if row == "base":
         return Personal(p.params, 0.0, 0, 0)
@@ -93,7 +100,15 @@ def fast(
         seconds = time.perf_counter() - t
         merged = A.merge_all(p.params, p.bundle.adapters, predicted, p.bundle.basis)
         return Personal(
-            merged, seconds, 0, _lidb_file(p, predicted, os.path.join(out_dir, "personal.safetensors"))
+            merged,
+            seconds,
+            0,
+            _lidb_file(
+                p,
+                predicted,
+                os.path.join(out_dir, "personal.safetensors"),
+                {"identity": identity, "row": row},
+            ),
         )
     name, _, suffix = row.partition("@")
     steps = int(suffix) if suffix else p.config.relax.steps
@@ -106,7 +121,7 @@ def fast(
     adapters, tree, _ = p.finetune_from(start, reference, key, steps=steps)
     jax.block_until_ready(tree)
     seconds = time.perf_counter() - t
-    files = p.export(out_dir, adapters, tree)
+    files = p.export(out_dir, adapters, tree, extra={"identity": identity, "row": row, "steps": steps})
     return Personal(A.merge_all(p.params, adapters, tree), seconds, steps, _file_bytes(files["personal"]))
 
 

@@ -72,7 +72,9 @@ def default_config(variant: str = "fresh") -> ml_collections.ConfigDict:
     c.relax.rank = 4
     c.relax.alpha = 0.0  # 0: alpha = rank (LoRA scale 1)
     c.relax.steps = 25 if variant == "svd" else 40
-    c.relax.learning_rate = 1e-3
+    # The paper's rate is 1e-3 (SD 1.5). On the toy base a rank-4 LoRA learns a face much faster at
+    # 1e-2: identity score 0.28 after 300 steps from zero, against 0.16 at 1e-3 (two-identity probe).
+    c.relax.learning_rate = 1e-2
     c.relax.weight_decay = 0.0
     c.relax.grad_clip = 1.0
     c.relax.batch_size = 4  # augmented views of the photo per step

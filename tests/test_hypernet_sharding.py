@@ -49,6 +49,7 @@ def parts(tiny_sd, tiny_params):
 def _run_on(mesh_axes, parts, steps=2):
     config, sd, net, adapters, optimizer, state, frozen, batch = parts
     mesh = sharding.make_mesh(mesh_axes)
+    chex.clear_trace_counter()  # each mesh compiles its own program, once
     abstract_state = jax.eval_shape(lambda: state)
     step, state_sh, frozen_sh, data_sh = ht.sharded_step(
         config,
@@ -90,6 +91,35 @@ def test_same_numbers_on_every_mesh(parts):
             assert state["trainable"]["decoder"]["blocks_0"]["cross_attn"]["query"][
                 "kernel"
             ].sharding.spec == P("fsdp", None, None)
+
+
+def test_weight_regression_only_skips_the_unet(parts):
+    config, sd, net, adapters, optimizer, state, frozen, batch = parts
+    key = jax.random.PRNGKey(3)
+
+    def jaxpr_and_out(alpha):
+        step = ht.make_step(sd, net, adapters, optimizer, alpha, config.loss.beta)
+        text = str(jax.make_jaxpr(step)(state, frozen, batch, key))
+        return text, step(jax.tree_util.tree_map(jnp.copy, state), frozen, batch, key)[1]
+
+    without, out0 = jaxpr_and_out(0.0)
+    with_unet, out1 = jaxpr_and_out(1.0)
+    # The UNet and VAE are not traced at all: only the image encoder's patch embedding convolves.
+    convs = without.count("conv_general_dilated")
+    assert with_unet.count("conv_general_dilated") > convs + 10 and convs <= 2
+    assert float(out0["denoise"]) == 0.0 and float(out1["denoise"]) > 0.0
+    np.testing.assert_allclose(float(out0["loss"]), config.loss.beta * float(out0["regress"]), rtol=1e-6)
+    np.testing.assert_allclose(float(out0["regress"]), float(out1["regress"]), rtol=1e-6)
+    # A warm-up of 2 regression-only steps: one program, the UNet runs from step 2 on.
+    warm = jax.jit(ht.make_step(sd, net, adapters, optimizer, 1.0, config.loss.beta, regress_only_steps=2))
+    s = jax.tree_util.tree_map(jnp.copy, state)
+    denoise = []
+    for _ in range(3):
+        s, out = warm(s, frozen, batch, key)
+        denoise.append(float(out["denoise"]))
+        if len(denoise) == 1:
+            np.testing.assert_allclose(float(out["loss"]), float(out0["loss"]), rtol=1e-6)
+    assert denoise[:2] == [0.0, 0.0] and denoise[2] > 0.0
 
 
 def test_restore_on_a_different_mesh(parts, tmp_path):

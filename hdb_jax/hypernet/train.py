@@ -1,13 +1,7 @@
 """Stage 2 of HyperDreamBooth: train the hypernetwork, sharded over a mesh, on one or many hosts.
 
-Loss (methods.md): ``α · ‖ε̂(θ̂) − ε‖² + β · ‖ΔŴ − ΔW‖²``: θ̂ = H(x) are the LiDB weights the
-hypernetwork predicts from a face image x, applied per sample in activation space while the UNet
-denoises an image of that identity under the prompt "a [V] face"; the weight term compares them
-with the weights pre-optimised for that identity (stage 1) as the squared Frobenius norm of the
-difference of the dense updates, summed over layers. With orthonormal LiDB bases
-``ΔW = A_aux·(A·B)·B_aux`` has the norm of ``A·B``, so the term is computed on the small
-``a x b`` products: it is invariant to the factorisation (``(A, B) -> (cA, B/c)``, sign flips),
-which a loss on the raw factors is not. β = 0 for identities without targets.
+The loss and the pure steps are in :mod:`hdb_jax.hypernet.objective`; this module builds
+the mesh, the data and the loop around them.
 
 Distribution is configuration: the mesh axes (``data``, ``fsdp``) and the sharding rules come
 from the config; the state is created directly in its shardings from ``jax.eval_shape``; the
@@ -23,119 +17,34 @@ import dataclasses
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from hdb_jax import adapters as A
-from hdb_jax import build, checkpoint, diffusion, images, loop, metrics, sharding
+from hdb_jax import build, checkpoint, images, loop, metrics, sharding
 from hdb_jax.data import identities as identities_lib
-from hdb_jax.hypernet import bundle
+from hdb_jax.hypernet import bundle, card
 from hdb_jax.hypernet import data as hdata
 from hdb_jax.hypernet import decoder as dec
-from hdb_jax.hypernet import encoder as enc
 from hdb_jax.hypernet.model import HyperNetwork, build_hypernet, split_params
+from hdb_jax.hypernet.objective import (  # noqa: F401  (the stage's public API)
+    make_eval,
+    make_step,
+    r_squared,
+    weight_distance,
+    weight_products,
+)
 from hdb_jax.sd import model
 from hdb_jax.sd import tiny as tiny_lib
 from hdb_jax.sd.fingerprint import params_fingerprint
 
 
 # -------------------------------------------------------------------- losses
-def weight_products(tokens: jax.Array, kind: A.LiDB) -> jax.Array:
-    """Weight tokens ``[..., n, (a+b)·r]`` -> the per-layer products ``A_train·B_train`` ``[..., n, a, b]``."""
-    a, b, r = kind.a, kind.b, kind.rank
-    lead = tokens.shape[:-1]
-    factor_a = tokens[..., : a * r].reshape(lead + (a, r))
-    factor_b = tokens[..., a * r :].reshape(lead + (r, b))
-    return factor_a @ factor_b
-
-
-def weight_distance(predicted: jax.Array, target: jax.Array, kind: A.LiDB) -> jax.Array:
-    """``Σ_layers ‖ΔŴ − ΔW‖_F²`` per sample ``[...]`` (= the dense distance, the bases being orthonormal)."""
-    diff = weight_products(predicted, kind) - weight_products(target, kind)
-    return jnp.sum(jnp.square(diff), axis=(-3, -2, -1))
-
-
-def r_squared(predicted: np.ndarray, target: np.ndarray, kind: A.LiDB) -> float:
-    """``1 − Σ‖ΔŴ − ΔW‖² / Σ‖ΔW − mean ΔW‖²`` over identities (tokens ``[N, n, W]``), in ΔW space."""
-    pred = np.asarray(weight_products(jnp.asarray(predicted), kind), np.float64)
-    true = np.asarray(weight_products(jnp.asarray(target), kind), np.float64)
-    residual = np.sum((pred - true) ** 2)
-    total = np.sum((true - true.mean(axis=0, keepdims=True)) ** 2)
-    return float(1.0 - residual / total) if total > 0 else float("nan")
-
-
-def make_step(sd, net: HyperNetwork, adapters, optimizer, alpha: float, beta: float):
-    """``step(state, frozen, batch, rng) -> (state, metrics)`` (pure; jitted by the caller).
-
-    ``frozen = {"params": base params, "basis": LiDB bases, "hyper": frozen hypernet params}``;
-    ``batch = {"images" [B,H,W,3] (what H sees), "targets" [B,H,W,3] (what the UNet denoises),
-    "input_ids" [B,L], "target_tokens" [B,n,W], "has_target" [B]}``.
-    """
-    sched_state = sd.noise_scheduler.create_state()
-    size = net.image_size
-
-    def loss_fn(trainable, frozen, batch, key):
-        tokens = net.apply(
-            {"params": {**frozen["hyper"], **trainable}},
-            enc.resize_images(batch["images"], size),
-            method=HyperNetwork.predict_tokens,
-        )  # [B, n, W]
-        tree = dec.tokens_to_tree(tokens, adapters, net.kind)
-        with A.attach_all(adapters, tree, frozen["basis"], per_sample=True):
-            denoise = diffusion.denoising_loss(
-                sd, sched_state, frozen["params"], batch["targets"], batch["input_ids"], key
-            )
-        per_sample = weight_distance(tokens, batch["target_tokens"], net.kind)  # [B]
-        weights = batch["has_target"]
-        regress = jnp.sum(weights * per_sample) / jnp.maximum(jnp.sum(weights), 1.0)
-        return alpha * denoise + beta * regress, {"denoise": denoise, "regress": regress}
-
-    def step(state, frozen, batch, rng):
-        key = jax.random.fold_in(rng, state["step"])
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], frozen, batch, key)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
-        trainable = optax.apply_updates(state["trainable"], updates)
-        out = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-        return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, out
-
-    return step
-
-
-def make_eval(sd, net: HyperNetwork, adapters, draws: int = 4):
-    """``evaluate(trainable, frozen, refs, views, ids, key) -> (loss with predicted, with zero weights)``.
-
-    ``refs`` [I, H, W, 3] are what the hypernetwork sees; ``views`` [I, V, H, W, 3] the *other*
-    images of the same identities the denoising loss is measured on; ``ids`` [I·V, L].
-    """
-    sched_state = sd.noise_scheduler.create_state()
-
-    def evaluate(trainable, frozen, refs, views, ids, key):
-        tokens = net.apply(
-            {"params": {**frozen["hyper"], **trainable}},
-            enc.resize_images(refs, net.image_size),
-            method=HyperNetwork.predict_tokens,
-        )  # [I, n, W]
-        v = views.shape[1]
-        pixels = views.reshape(-1, *views.shape[2:])  # [I·V, H, W, 3]
-
-        def loss(tok):
-            tree = dec.tokens_to_tree(jnp.repeat(tok, v, axis=0), adapters, net.kind)
-            with A.attach_all(adapters, tree, frozen["basis"], per_sample=True):
-                return diffusion.fixed_draw_loss(
-                    sd, sched_state, frozen["params"], pixels, ids, key, draws=draws
-                )
-
-        return loss(tokens), loss(jnp.zeros_like(tokens))
-
-    return evaluate
-
-
-# -------------------------------------------------------------------- setup
 def _hypernet(config, adapters):
     h = config.hypernet
     return build_hypernet(
@@ -164,7 +73,15 @@ def sharded_step(config, sd, net, adapters, optimizer, mesh, abstract_state, abs
     state_sh = sharding.tree_shardings(abstract_state, mesh, rules)
     frozen_sh = sharding.tree_shardings(abstract_frozen, mesh, rules)
     data_sh = sharding.batch_sharding(mesh)
-    step_fn = make_step(sd, net, adapters, optimizer, config.loss.alpha, config.loss.beta)
+    step_fn = make_step(
+        sd,
+        net,
+        adapters,
+        optimizer,
+        config.loss.alpha,
+        config.loss.beta,
+        config.loss.get("regress_only_steps", 0),
+    )
     step = jax.jit(
         wrap(step_fn) if wrap is not None else step_fn,
         donate_argnums=(0,),
@@ -437,6 +354,17 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
         )
         if "r2_train" in out:
             writer.scalars(result.step, {"train/r2": out["r2_train"]})
+    extra = {
+        "steps": result.step,
+        "final_loss": result.last(),
+        "identities": len(identities),
+        "preopt_dirs": [os.path.abspath(p) for p in str(config.data.preopt_dir).split(",") if p],
+        "loss": config.loss.to_dict(),
+        "r2_train": out.get("r2_train"),
+        "r2_subset": int(min(len(identities), config.data.get("r2_subset", 256))),
+        "heldout": out["heldout"],
+        "train_s": round(result.seconds, 1),
+    }
     if jax.process_index() == 0:
         if out["heldout"]:
             print("held-out: " + json.dumps(out["heldout"]))
@@ -452,15 +380,11 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
                 base_fingerprint=params_fingerprint(host_params),
                 basis_file=build.basis_path(config.adapter, workdir),
                 basis_hash=basis_hash,
-                extra={
-                    "steps": result.step,
-                    "final_loss": result.last(),
-                    "identities": len(identities),
-                    "r2_train": out.get("r2_train"),
-                    "heldout": out["heldout"],
-                    "train_s": round(result.seconds, 1),
-                },
+                extra=extra,
             )
+        )
+        (Path(out["bundle"]) / "MODEL_CARD.md").write_text(
+            card.model_card(config, extra, config.model.source)
         )
     return out
 

@@ -299,7 +299,9 @@ def train(config: ml_collections.ConfigDict) -> dict:
         grid_seeds = c.get("validate_seeds", 2)
 
         def validate(st, step):
-            grid = sample_grid(c, sd, final_params(jax.device_get(st)), grid_seeds)
+            grid = sample_grid(
+                c, sd, final_params(jax.device_get(st), c.get("shipped_weights", "trained")), grid_seeds
+            )
             return {"images": {"samples": images.grid(grid, cols=grid_seeds * 7)}}
 
         run = loop.train(
@@ -344,9 +346,11 @@ def _result(config, sd, state, history, runs, step, *, done: bool, workdir) -> d
     return result
 
 
-def final_params(state: Mapping[str, Any]) -> dict:
-    """The shipped parameters: the trained VAE and the EMA of UNet and text encoder."""
-    return {"vae": state["vae"], **state["ema"]}
+def final_params(state: Mapping[str, Any], which: str = "trained") -> dict:
+    """The shipped parameters: the trained VAE with the UNet and text encoder as trained, or their EMA."""
+    if which not in ("trained", "ema"):
+        raise ValueError(f"config.shipped_weights={which!r}: choose 'trained' or 'ema'")
+    return {"vae": state["vae"], **(state["ema"] if which == "ema" else state["denoiser"])}
 
 
 def heldout_set(
@@ -369,14 +373,15 @@ def heldout_set(
 def finish(
     config: ml_collections.ConfigDict, sd: model.StableDiffusion, state, result: Mapping[str, Any]
 ) -> dict:
-    """Held-out loss, the toy evaluation, export of the EMA model, sample grid and model card."""
+    """Held-out loss, the toy evaluation, export of the shipped weights, sample grid and model card."""
     from hdb_jax.toy import base_card
 
     # Every figure is measured on the weights as shipped (rounded to the export dtype), so anyone
     # can reproduce it from the files.
     dtype = jnp.float16 if config.export_dtype == "float16" else jnp.float32
     params = jax.tree_util.tree_map(
-        lambda x: jnp.asarray(x, dtype).astype(jnp.float32), final_params(jax.device_get(state))
+        lambda x: jnp.asarray(x, dtype).astype(jnp.float32),
+        final_params(jax.device_get(state), config.get("shipped_weights", "trained")),
     )
     pixels, ids = heldout_set(config, sd)
     heldout = float(

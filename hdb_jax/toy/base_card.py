@@ -49,7 +49,8 @@ def model_card(
         " scale is measured at the switch.",
         f"- Phase 2: UNet + text encoder, {config.unet_steps} steps, batch {config.batch_size}, AdamW lr "
         f"{config.optim_unet.learning_rate} (warmup {config.optim_unet.warmup_steps}, {config.optim_unet.schedule}), "
-        f"EMA {config.ema_decay}; epsilon prediction.",
+        f"EMA {config.ema_decay} kept; epsilon prediction. Shipped: the "
+        f"{'EMA' if config.get('shipped_weights', 'trained') == 'ema' else 'trained (not the EMA)'} UNet and text encoder.",
         f"- Seed {config.seed}. Weights stored as {config.export_dtype}.",
         "",
         "## Measured (computed by the recipe's own evaluation; `training.json` has every figure)",

@@ -1,0 +1,86 @@
+"""The model card of a hypernetwork bundle, written from the training config and measured figures.
+
+Every number comes from :func:`hdb_jax.hypernet.train.train`'s own measurements (the bundle's
+``extra``); nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import ml_collections
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _r2_line(extra: Mapping[str, Any]) -> str:
+    held = extra.get("heldout") or {}
+    parts = [f"training identities (first {extra.get('r2_subset', 'n/a')}): {_fmt(extra.get('r2_train'), 3)}"]
+    if "r2" in held:
+        parts.append(f"held-out identities ({held.get('r2_identities')}): {_fmt(held['r2'], 3)}")
+    return "- R² of the predicted weight updates against the pre-optimised ones (1: exact, 0: the mean): " + (
+        "; ".join(parts) + "."
+    )
+
+
+def model_card(config: ml_collections.ConfigDict, extra: Mapping[str, Any], base_model: str) -> str:
+    """Markdown card for the bundle trained with ``config``; ``extra`` is what the bundle records."""
+    h, loss, o, d = config.hypernet, config.loss, config.optim, config.data
+    held = extra.get("heldout") or {}
+    lidb = config.adapter.lidb
+    lines = [
+        "# Hypernetwork bundle",
+        "",
+        f"A HyperDreamBooth hypernetwork for the base model `{base_model}`: one reference image in, LiDB",
+        f"weights (a={lidb.a}, b={lidb.b}, rank {lidb.rank}) for every adapted layer out. Load it with",
+        "`hdb_jax.personalize.Personalizer.load` (it refuses another base model or adapter layout).",
+        "",
+        "## Recipe",
+        f"- Encoder: `{h.encoder}` ({'trained' if h.train_encoder else 'frozen'}); decoder {h.num_blocks} "
+        f"blocks, {h.num_heads} heads, {h.iterations} refinement iterations, mode `{h.mode}`.",
+        f"- Data: {extra.get('identities')} identities with pre-optimised targets from "
+        f"`{d.preopt_dir or 'none'}`; the hypernetwork sees one view, the UNet denoises "
+        f"{'the same view' if d.get('denoise_on', 'same') == 'same' else 'another view'}; prompt `{d.prompt}`.",
+        f"- Loss: {loss.alpha} x denoising + {loss.beta} x squared distance of the weight updates "
+        "(summed over layers; invariant to the factorisation).",
+        f"- {extra.get('steps')} steps, batch {config.batch_size}, AdamW lr {o.learning_rate} "
+        f"(warmup {o.warmup_steps}, {o.schedule}), weight decay {o.weight_decay}, seed {config.seed}.",
+    ]
+    phases = extra.get("phases")
+    if phases:
+        lines.append(
+            "- Phases (one resumable run, the loss weights changed at a resume): "
+            + "; ".join(f"to step {p['to_step']}: alpha {p['alpha']}, beta {p['beta']}" for p in phases)
+            + "."
+        )
+    lines += [
+        "",
+        "## Measured (by the training job; `meta.json` `extra` has every figure)",
+        f"- Training time: {_fmt(extra.get('train_s'))} s in the last invocation; final loss "
+        f"{_fmt(extra.get('final_loss'))}.",
+        _r2_line(extra),
+    ]
+    if "predicted" in held:
+        lines.append(
+            f"- Held-out identities ({held.get('identities')}, never trained on), denoising loss on "
+            f"{held.get('views')} other views each: {_fmt(held['predicted'])} with the predicted weights, "
+            f"{_fmt(held['zero'])} with none (the base model)."
+        )
+    lines += [
+        "",
+        "## Reproduce",
+        "```bash",
+        "python -m hdb_jax.train --config configs/preopt.py:toy --config.workdir=runs/preopt"
+        " --config.adapter.basis_file=runs/lidb_basis.safetensors",
+        "python -m hdb_jax.train --config configs/hypernet.py:toy --config.data.preopt_dir=runs/preopt"
+        " --config.adapter.basis_file=runs/lidb_basis.safetensors",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
