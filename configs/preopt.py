@@ -5,7 +5,8 @@ Run:
   python -m hdb_jax.train --config configs/preopt.py:sd15 --config.model.source=/models/sd15 \\
       --config.workdir=/data/preopt --config.mesh.data=-1
 Knobs: ``tiny`` (default: the random tiny model), ``toy`` (the shipped toy base model: the recipe
-of the shipped hypernetwork's targets) or ``sd15``. Rerunning skips identities already in <workdir>/index.jsonl.
+of the shipped hypernetwork's targets) or ``sd15``; ``heldout`` (the hypernetwork's held-out
+identities instead of its training ones). Rerunning skips identities already in <workdir>/index.jsonl.
 """
 
 import ml_collections
@@ -14,7 +15,7 @@ from hdb_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    k = config_lib.knobs(arg, size=config_lib.SIZES)
+    k = config_lib.knobs(arg, size=config_lib.SIZES, heldout=False)
     sd15, toy = k.size == "sd15", k.size == "toy"
     c = ml_collections.ConfigDict()
     c.job = "preopt"
@@ -31,6 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"
     c.data.identities = tuple(range(10_000, 12_000)) if toy else tuple(range(8))
+    if k.heldout:  # the hypernetwork's held-out identities (configs/hypernet.py data.heldout): its R²
+        c.data.identities = tuple(range(3_100_000, 3_100_032)) if toy else tuple(range(900, 904))
     c.data.images_per_identity = 8 if toy else 4  # views per identity; each step draws one
     c.data.seed = 0
     c.data.prompt = "a photo of sks face" if sd15 else "a sks face"

@@ -44,3 +44,26 @@ def test_heldout_losses_are_reproduced_by_the_training_code(shipped):
     # Same renders, same draws, same weights: the recorded figures to float32 summation error.
     assert out["predicted"] == pytest.approx(held["predicted"], rel=1e-4)
     assert out["zero"] == pytest.approx(held["zero"], rel=1e-4)
+
+
+def test_recorded_heldout_r2_is_reproduced_on_the_shipped_subset(shipped):
+    import json
+
+    import numpy as np
+
+    from hdb_jax import images, tensorfile
+    from hdb_jax.data import identities as identities_lib
+    from hdb_jax.hypernet import data as hdata
+
+    sd, params, b = shipped
+    check = b.meta["extra"]["heldout_check"]
+    tensors, meta = tensorfile.read(hypernet_dir() / check["file"])
+    ids = json.loads(meta["identities"])
+    assert len(ids) == check["identities"] == tensors["tokens"].shape[0]
+    config = load_config("hypernet", "toy")
+    assert set(ids) <= set(config.data.heldout)  # never trained on
+    source = identities_lib.from_config(config.data, sd.default_resolution, ids)
+    refs = np.stack([images.to_unit_range(source.views(i, [0])[0]) for i in ids])
+    predicted = hdata.predict_tokens(b.net, jax.device_get(b.params), refs)
+    r2 = ht.r_squared(predicted, tensors["tokens"], b.net.kind)
+    assert r2 == pytest.approx(check["r2"], abs=1e-4)

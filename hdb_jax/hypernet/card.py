@@ -24,6 +24,12 @@ def _r2_line(extra: Mapping[str, Any]) -> str:
     parts = [f"training identities (first {extra.get('r2_subset', 'n/a')}): {_fmt(extra.get('r2_train'), 3)}"]
     if "r2" in held:
         parts.append(f"held-out identities ({held.get('r2_identities')}): {_fmt(held['r2'], 3)}")
+    check = extra.get("heldout_check")
+    if check:
+        parts.append(
+            f"the first {check['identities']} held-out identities, whose targets ship as "
+            f"`{check['file']}`: {_fmt(check['r2'], 3)}"
+        )
     return "- R² of the predicted weight updates against the pre-optimised ones (1: exact, 0: the mean): " + (
         "; ".join(parts) + "."
     )
@@ -48,7 +54,12 @@ def model_card(config: ml_collections.ConfigDict, extra: Mapping[str, Any], base
         f"`{d.preopt_dir or 'none'}`; the hypernetwork sees one view, the UNet denoises "
         f"{'the same view' if d.get('denoise_on', 'same') == 'same' else 'another view'}; prompt `{d.prompt}`.",
         f"- Loss: {loss.alpha} x denoising + {loss.beta} x squared distance of the weight updates "
-        "(summed over layers; invariant to the factorisation).",
+        "(summed over layers; invariant to the factorisation)"
+        + (
+            f"; the first {loss.regress_only_steps} steps fit the weights only (no UNet run)."
+            if loss.get("regress_only_steps", 0)
+            else "."
+        ),
         f"- {extra.get('steps')} steps, batch {config.batch_size}, AdamW lr {o.learning_rate} "
         f"(warmup {o.warmup_steps}, {o.schedule}), weight decay {o.weight_decay}, seed {config.seed}.",
     ]
@@ -61,7 +72,7 @@ def model_card(config: ml_collections.ConfigDict, extra: Mapping[str, Any], base
         )
     lines += [
         "",
-        "## Measured (by the training job; `meta.json` `extra` has every figure)",
+        "## Measured (by the training job; the bundle's metadata, `bundle.read_meta`, has every figure)",
         f"- Training time: {_fmt(extra.get('train_s'))} s in the last invocation; final loss "
         f"{_fmt(extra.get('final_loss'))}.",
         _r2_line(extra),
@@ -76,10 +87,12 @@ def model_card(config: ml_collections.ConfigDict, extra: Mapping[str, Any], base
         "",
         "## Reproduce",
         "```bash",
-        "python -m hdb_jax.train --config configs/preopt.py:toy --config.workdir=runs/preopt"
-        " --config.adapter.basis_file=runs/lidb_basis.safetensors",
-        "python -m hdb_jax.train --config configs/hypernet.py:toy --config.data.preopt_dir=runs/preopt"
-        " --config.adapter.basis_file=runs/lidb_basis.safetensors",
+        "B=--config.adapter.basis_file=runs/lidb_basis.safetensors  # one LiDB basis for all three",
+        "python -m hdb_jax.train --config configs/preopt.py:toy,heldout --config.workdir=runs/preopt_heldout $B",
+        "python -m hdb_jax.train --config configs/preopt.py:toy --config.workdir=runs/preopt $B"
+        "  # stop it (Ctrl-C) after N identities",
+        "python -m hdb_jax.train --config configs/hypernet.py:toy --config.data.preopt_dir=runs/preopt $B \\",
+        "    --config.data.heldout_preopt_dir=runs/preopt_heldout",
         "```",
         "",
     ]

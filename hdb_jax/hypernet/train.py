@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from hdb_jax import adapters as A
-from hdb_jax import build, checkpoint, images, loop, metrics, sharding
+from hdb_jax import build, checkpoint, images, loop, metrics, sharding, tensorfile
 from hdb_jax.data import identities as identities_lib
 from hdb_jax.hypernet import bundle, card
 from hdb_jax.hypernet import data as hdata
@@ -269,6 +269,32 @@ def _validation(config, sd, s: Setup, params, frozen):
     return validate
 
 
+HELDOUT_CHECK = "heldout_targets.safetensors"
+
+
+def _display_path(source: str) -> str:
+    """A model path as a card shows it: relative to the repository when it is inside it."""
+    root = Path(__file__).resolve().parents[2]
+    path = Path(source).resolve() if os.path.exists(source) else None
+    return os.fspath(path.relative_to(root)) if path is not None and path.is_relative_to(root) else source
+
+
+def _heldout_check(config, s: Setup, hyper_params, count: int = 8) -> dict | None:
+    """The first ``count`` held-out identities' targets and the bundle's R² on them."""
+    if not config.data.get("heldout_preopt_dir"):
+        return None
+    ids, tokens = hdata.targets(config.data.heldout_preopt_dir, s.adapters, None)
+    ids, tokens = ids[:count], np.asarray(tokens[:count], np.float32)
+    held = identities_lib.from_config(config.data, config.model.resolution, ids)
+    refs = np.stack([images.to_unit_range(held.views(i, [0])[0]) for i in ids])
+    r2 = r_squared(hdata.predict_tokens(s.net, hyper_params, refs), tokens, s.net.kind)
+    return {
+        "tensors": {"tokens": tokens},
+        "metadata": {"identities": json.dumps([int(i) for i in ids])},
+        "record": {"file": HELDOUT_CHECK, "identities": len(ids), "r2": r2},
+    }
+
+
 def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> dict:
     """Trains (or resumes) the hypernetwork on the base model ``(sd, params)``; writes its bundle.
 
@@ -354,6 +380,7 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
         )
         if "r2_train" in out:
             writer.scalars(result.step, {"train/r2": out["r2_train"]})
+    check = _heldout_check(config, s, hyper_params) if jax.process_index() == 0 else None
     extra = {
         "steps": result.step,
         "final_loss": result.last(),
@@ -365,6 +392,8 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
         "heldout": out["heldout"],
         "train_s": round(result.seconds, 1),
     }
+    if check is not None:
+        extra["heldout_check"] = check["record"]
     if jax.process_index() == 0:
         if out["heldout"]:
             print("held-out: " + json.dumps(out["heldout"]))
@@ -383,8 +412,10 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
                 extra=extra,
             )
         )
+        if check is not None:  # a few held-out targets travel with the bundle: its R² can be re-measured
+            tensorfile.write(Path(out["bundle"]) / HELDOUT_CHECK, check["tensors"], check["metadata"])
         (Path(out["bundle"]) / "MODEL_CARD.md").write_text(
-            card.model_card(config, extra, config.model.source)
+            card.model_card(config, extra, _display_path(config.model.source))
         )
     return out
 
