@@ -57,8 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.personalize.relax.steps = 2
 
     c.eval = ml_collections.ConfigDict()
-    # 8 held-out identities (never seen by any toy model) x 4 prompts x 2 seeds: ~1 hour on 2 CPU cores.
-    c.eval.identities = tuple(range(3_000_000, 3_000_000 + (2 if reduced else 8)))
+    # 16 held-out identities (never seen by any toy model) x 4 prompts x 2 seeds.
+    c.eval.identities = tuple(range(3_000_000, 3_000_000 + (2 if reduced else 16)))
     c.eval.rows = ROWS
     c.eval.prompts = PROMPTS
     c.eval.token = "sks"
@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The oracle: stage 1 run on the reference itself (one view), in the bundle's LiDB basis.
     c.oracle = config_lib.load("preopt.py", "toy", relative_to=__file__)
     c.oracle.bundle_dir = c.personalize.get_ref("hypernet")
-    c.oracle.chunk_size = 4 if reduced else 8  # = the evaluation identities: one chunk
+    c.oracle.chunk_size = 4 if reduced else 16  # = the evaluation identities: one chunk
     if reduced:
         c.oracle.steps = 2
 
@@ -85,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ("lora_dreambooth", "toy,adapter=lora"),
         ("dreambooth", "toy,method=dreambooth"),
         ("textual_inversion", "toy,method=textual_inversion"),
+        ("residuals", "toy,adapter=residual"),  # also sampled with LAG: row residuals+lag
     ):
         b = config_lib.load("subject.py", arg, relative_to=__file__)
         b.data.instance.images_per_identity = 1  # the reference only, like every other row
@@ -96,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.baselines[row] = b
     c.baselines.lora_dreambooth.optim.learning_rate = 1e-2
     c.baselines.dreambooth.optim.learning_rate = 1e-4
+    c.baselines.residuals.steps = 2 if reduced else 150  # the Personalized Residuals recipe
     c.baselines.dreambooth.data.prior_weight = 1.0
     c.baselines.dreambooth.data.prior.source = "generated"
     c.baselines.dreambooth.data.prior.sample_steps = 2 if reduced else 20

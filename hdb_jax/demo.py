@@ -69,7 +69,7 @@ def _sampler(config, sd):
     ] * e.prior_seeds
     seeds = [k for _ in e.prompts for k in range(e.seeds)] + list(range(100, 100 + e.prior_seeds))
 
-    def draw(params) -> np.ndarray:
+    def draw(params, lag=None) -> np.ndarray:
         return sample.sample(
             sd,
             params,
@@ -79,6 +79,7 @@ def _sampler(config, sd):
             guidance_scale=e.guidance_scale,
             batch_size=len(prompts),
             progress=False,
+            lag=lag,
         )
 
     return draw
@@ -110,14 +111,15 @@ def evaluate(config, sd, params, p: Personalizer, evaluator, workdir: Path) -> d
             print(f"{row}: identity {i} ({n + 1}/{len(todo)})", flush=True)
             out_dir = os.fspath(workdir / "personal" / row / str(i))
             if row in demo_methods.SLOW_ROWS:
+                section = demo_methods.TRAINED_AS.get(row, row)
                 made[i] = demo_methods.slow(
-                    row, config.baselines[row], sd, params, i, os.fspath(workdir / "baselines")
+                    row, config.baselines[section], sd, params, i, os.fspath(workdir / "baselines")
                 )
             elif row != "oracle":
                 made[i] = demo_methods.fast(
                     row, p, refs[i], jax.random.PRNGKey(config.seed + i), out_dir, e.k_short, identity=i
                 )
-            drawn = draw(made[i].params)
+            drawn = draw(made[i].params, made[i].lag)
             result = _score(evaluator, e, drawn, refs[i], real)
             result.update(steps=made[i].steps, seconds=made[i].seconds, bytes=made[i].bytes, samples=drawn)
             (workdir / "scores" / row).mkdir(parents=True, exist_ok=True)

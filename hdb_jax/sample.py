@@ -117,6 +117,17 @@ class LagSpec:
     mask_override: float | None = None
 
 
+def lag_token_ids(sd: StableDiffusion, words) -> tuple[int, ...]:
+    """Token ids of V* and the class word for :class:`LagSpec`; each word must be one token."""
+    out = []
+    for word in words:
+        pieces = sd.tokenizer.tokenize(word)
+        if len(pieces) != 1 or sd.tokenizer.convert_tokens_to_ids(pieces[0]) == sd.tokenizer.unk_token_id:
+            raise ValueError(f"LAG word {word!r} is not a single token of the model's vocabulary: {pieces}")
+        out.append(int(sd.tokenizer.convert_tokens_to_ids(pieces[0])))
+    return tuple(out)
+
+
 def guided_model_fn(
     sd: StableDiffusion,
     params_unet,
@@ -317,6 +328,12 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--weights", default=None, help="personal weights written by hdb_jax.export")
     p.add_argument("--basis", default=None, help="LiDB basis file the --weights were trained with")
+    p.add_argument(
+        "--lag",
+        default="",
+        help="V* and class word, e.g. 'sks,face': sample Personalized Residual --weights with "
+        "localized attention guidance",
+    )
     p.add_argument("--out", default="runs/samples")
     return p.parse_args(argv)
 
@@ -334,14 +351,31 @@ def main(argv=None) -> list[Path]:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:
         raise SystemExit("--seeds is empty")
+    if args.lag and not args.weights:
+        raise SystemExit("--lag samples personal residuals: give their --weights file")
     sd, params = load_model(args.model)
+    lag = None
     if args.weights:
         from hdb_jax import adapters, personal
 
         try:
-            params = adapters.merge_all(params, *personal.load_for_model(args.weights, params, args.basis))
+            loaded = personal.load_for_model(args.weights, params, args.basis)
         except personal.PersonalWeightsError as err:
             raise SystemExit(f"error: {err}") from err
+        if args.lag:
+            ads, trees, frozen = loaded
+            if set(ads) != {"unet"} or not isinstance(ads["unet"].kind, adapters.Residual):
+                kinds = {c: type(a.kind).__name__ for c, a in ads.items()}
+                raise SystemExit(
+                    f"error: --lag needs Personalized Residuals on the UNet; {args.weights} holds {kinds}"
+                )
+            try:
+                tokens = lag_token_ids(sd, [w.strip() for w in args.lag.split(",") if w.strip()])
+            except ValueError as err:
+                raise SystemExit(f"error: --lag: {err}") from err
+            lag = (LagSpec(ads["unet"], tokens), trees["unet"], frozen.get("unet", {}))
+        else:
+            params = adapters.merge_all(params, *loaded)
     pairs = list(itertools.product(range(len(args.prompt)), seeds))  # prompt-major
     images = sample(
         sd,
@@ -354,6 +388,7 @@ def main(argv=None) -> list[Path]:
         guidance_scale=args.guidance,
         batch_size=args.batch_size,
         resolution=args.resolution,
+        lag=lag,
     )
     out = Path(args.out)
     paths = save_images(images, out, [f"p{i}_s{s}" for i, s in pairs])

@@ -112,3 +112,47 @@ def test_median_mask_splits_half():
     mask = lag_lib.subject_mask(scores)
     np.testing.assert_array_equal(np.asarray(mask.sum(axis=1)), 32)
     assert dataclasses.is_dataclass(lag_lib.Recording())
+
+
+def test_command_line_lag_samples_a_residual_file(tiny_sd, tiny_params, residual, tmp_path):
+    from PIL import Image
+
+    from hdb_jax import personal
+    from hdb_jax.sd.fingerprint import params_fingerprint
+
+    adapter, trained = residual
+    path = personal.save_personal(
+        tmp_path / "res.safetensors",
+        {"unet": adapter},
+        {"unet": trained},
+        base_fingerprint=params_fingerprint(tiny_params),
+    )
+    args = ["--model", "tiny", "--weights", str(path), "--prompt", "a sks face", "--seeds", "0,1"]
+    args += ["--steps", "3", "--guidance", "3", "--batch-size", "2"]
+    S.main(args + ["--lag", "sks,face", "--out", str(tmp_path / "lag")])
+    _, tokens = _ids(tiny_sd)
+    want = S.sample(
+        tiny_sd,
+        tiny_params,
+        ["a sks face"] * 2,
+        [0, 1],
+        num_steps=3,
+        guidance_scale=3.0,
+        batch_size=2,
+        progress=False,
+        lag=(S.LagSpec(adapter, tuple(tokens)), trained, {}),
+    )
+    got = np.stack([np.asarray(Image.open(tmp_path / "lag" / f"p0_s{s}.png")) for s in (0, 1)])
+    assert np.abs(got.astype(int) - want).max() <= 1
+    with pytest.raises(SystemExit, match="not a single token"):
+        S.main(args + ["--lag", "sks,facexyzzy", "--out", str(tmp_path / "bad")])
+    lora = A.Adapter.create(A.LoRA(rank=2), tiny_params["unet"], [A.PATTERNS["unet_attention"]], "unet")
+    lora_path = personal.save_personal(
+        tmp_path / "lora.safetensors",
+        {"unet": lora},
+        {"unet": lora.init(jax.random.PRNGKey(0))},
+        base_fingerprint=params_fingerprint(tiny_params),
+    )
+    bad = ["--model", "tiny", "--weights", str(lora_path), "--prompt", "a sks face", "--lag", "sks,face"]
+    with pytest.raises(SystemExit, match="Personalized Residuals"):
+        S.main(bad)
