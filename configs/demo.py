@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.token = "sks"
     c.eval.seeds = 1 if reduced else 2  # per prompt
     c.eval.prior_prompt = "a face"  # sampled from each personal model: is the prior kept?
-    c.eval.prior_seeds = 2 if reduced else 4
+    c.eval.prior_seeds = 4  # >= k + 1 samples (k-NN realism, k = 3)
     c.eval.real_renders = 64 if reduced else 512  # the real manifold of the prior-realism metric
     c.eval.sample_steps = 2 if reduced else 20
     c.eval.guidance_scale = 3.0

@@ -207,10 +207,10 @@ class Personalizer:
             ).compile()
         return self._run[(n, steps)]
 
-    def compile(self, steps: int | None = None) -> float:
+    def compile(self, steps: int | None = None, iterations: int | None = None) -> float:
         """Compiles (or fetches from the persistent cache) prediction and the K-step finetune; seconds."""
         t0 = time.perf_counter()
-        self._compiled_predict(None)
+        self._compiled_predict(iterations)
         self._compiled_run(1, steps or self.config.relax.steps)
         return time.perf_counter() - t0
 
