@@ -2,7 +2,7 @@
 
 Run:
   python -m hdb_jax.personalize --config configs/personalize.py --image face.png --out runs/me \\
-      --config.hypernet=runs/demo/hypernet/hypernet
+      --config.hypernet=runs/demo/hypernet/hypernet   # a bundle of configs/demo.py:retrain
   python -m hdb_jax.personalize --config configs/personalize.py:svd --image face.png --out runs/me_svd \\
       --config.model.source=/models/stable-diffusion-v1-5 --config.hypernet=/ckpt/hypernet
 Knobs after ':': ``svd`` (the SVD-merge variant; default ``fresh``, the paper's).
