@@ -49,9 +49,7 @@ def test_heldout_losses_are_reproduced_by_the_training_code(shipped):
 def test_recorded_heldout_r2_is_reproduced_on_the_shipped_subset(shipped):
     import json
 
-    import numpy as np
-
-    from hdb_jax import images, tensorfile
+    from hdb_jax import tensorfile
     from hdb_jax.data import identities as identities_lib
     from hdb_jax.hypernet import data as hdata
 
@@ -63,7 +61,6 @@ def test_recorded_heldout_r2_is_reproduced_on_the_shipped_subset(shipped):
     config = load_config("hypernet", "toy")
     assert set(ids) <= set(config.data.heldout)  # never trained on
     source = identities_lib.from_config(config.data, sd.default_resolution, ids)
-    refs = np.stack([images.to_unit_range(source.views(i, [0])[0]) for i in ids])
-    predicted = hdata.predict_tokens(b.net, jax.device_get(b.params), refs)
+    predicted = hdata.predict_tokens(b.net, jax.device_get(b.params), hdata.reference_views(source, ids))
     r2 = ht.r_squared(predicted, tensors["tokens"], b.net.kind)
     assert r2 == pytest.approx(check["r2"], abs=1e-4)

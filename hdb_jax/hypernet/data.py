@@ -97,9 +97,14 @@ class Data:
         }
 
 
+def reference_views(source, identities: Sequence[Any]) -> np.ndarray:
+    """View 0 of each identity, what the hypernetwork sees: float ``[I, H, W, 3]`` in [-1, 1]."""
+    return np.stack([images.to_unit_range(source.views(i, [0])[0]) for i in identities])
+
+
 def heldout_views(source, identities: Sequence[int], views: int) -> tuple[np.ndarray, np.ndarray]:
     """``(refs [I, H, W, 3], others [I, V, H, W, 3])``: view 0 as the reference, views 1..V to score."""
-    refs = np.stack([images.to_unit_range(source.views(i, [0])[0]) for i in identities])
+    refs = reference_views(source, identities)
     others = np.stack([images.to_unit_range(source.views(i, list(range(1, views + 1)))) for i in identities])
     return refs, others
 

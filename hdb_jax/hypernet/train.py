@@ -224,7 +224,7 @@ def evaluate_heldout(config, sd, net, adapters_, params, basis, hyper_params) ->
     if config.data.get("heldout_preopt_dir"):
         held_ids, held_tokens = hdata.targets(config.data.heldout_preopt_dir, adapters_, None)
         held = identities_lib.from_config(config.data, config.model.resolution, held_ids)
-        held_refs = np.stack([images.to_unit_range(held.views(i, [0])[0]) for i in held_ids])
+        held_refs = hdata.reference_views(held, held_ids)
         pred = hdata.predict_tokens(net, hyper_params, held_refs)
         out["r2"] = r_squared(pred, held_tokens, net.kind)
         out["r2_identities"] = len(held_ids)
@@ -286,7 +286,7 @@ def _heldout_check(config, s: Setup, hyper_params, count: int = 8) -> dict | Non
     ids, tokens = hdata.targets(config.data.heldout_preopt_dir, s.adapters, None)
     ids, tokens = ids[:count], np.asarray(tokens[:count], np.float32)
     held = identities_lib.from_config(config.data, config.model.resolution, ids)
-    refs = np.stack([images.to_unit_range(held.views(i, [0])[0]) for i in ids])
+    refs = hdata.reference_views(held, ids)
     r2 = r_squared(hdata.predict_tokens(s.net, hyper_params, refs), tokens, s.net.kind)
     return {
         "tensors": {"tokens": tokens},
@@ -367,7 +367,7 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
         hyper_params = {**jax.device_get(frozen["hyper"]), **jax.device_get(result.state["trainable"])}
         if tokens is not None:
             subset = np.arange(min(len(identities), config.data.get("r2_subset", 256)))
-            refs = np.stack([images.to_unit_range(source.views(identities[i], [0])[0]) for i in subset])
+            refs = hdata.reference_views(source, [identities[i] for i in subset])
             out["r2_train"] = r_squared(
                 hdata.predict_tokens(s.net, hyper_params, refs), tokens[subset], s.net.kind
             )
