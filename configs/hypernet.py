@@ -45,19 +45,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ""  # local CLIP vision directory (sd15) or identity encoder folder (toy_identity)
     )
     c.hypernet.train_encoder = False
-    c.hypernet.iterations = 4
+    # toy: 1 iteration learned faster than 4 and runs 3.5x faster (methods.md, "Lessons").
+    c.hypernet.iterations = 1 if toy else 4
     c.hypernet.mode = "cross"  # or "concat" (the paper's concatenation)
     c.hypernet.num_blocks = 4
     c.hypernet.num_heads = 2
     c.hypernet.width = 0  # 0: 2 x token width
+    # Start from a learned per-token offset set to the targets' mean (no saddle at step 0).
+    c.hypernet.offset = toy
 
     # beta weighs the squared-norm weight distance (sum over layers); it acts only with targets.
     # regress_only_steps: the first steps fit the targets only (no UNet is run), then both terms
     # train together. On the toy model beta x distance is ~28 at the start against a denoising
     # loss of ~0.06: the weight term leads either way, and the warm-up makes it cheap.
-    c.loss = ml_collections.ConfigDict(dict(alpha=1.0, beta=0.02, regress_only_steps=1500 if toy else 0))
+    # space: where the weight distance is measured, "dw" (dense updates, factorisation-invariant) or
+    # "factor" (the LiDB factors; needs stage-1 targets that share one init, see methods.md).
+    c.loss = ml_collections.ConfigDict(
+        dict(alpha=1.0, beta=0.02, regress_only_steps=1500 if toy else 0, space="factor" if toy else "dw")
+    )
     c.optim = config_lib.optim(
-        1e-4 if sd15 else 1e-3, warmup_steps=1000 if sd15 else 100 if toy else 4, schedule="cosine"
+        1e-4 if sd15 else 3e-3 if toy else 1e-3,
+        warmup_steps=1000 if sd15 else 100 if toy else 4,
+        schedule="cosine",
     )
 
     c.data = ml_collections.ConfigDict()
@@ -69,9 +78,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.images_per_identity = 8 if toy else 4
     c.data.denoise_on = "same"  # the UNet denoises the image the hypernetwork saw (paper) or "other" views
     c.data.seed = 0
+    # Rows of every batch that are fresh synthetic identities (no stage-1 target): only the
+    # denoising term (alpha) trains on them, on another view than the one the hypernetwork saw.
+    c.data.fresh_per_batch = 0
     c.data.heldout = tuple(range(3_100_000, 3_100_032)) if toy else tuple(range(900, 904))  # never trained on
     c.data.heldout_views = 3  # the held-out loss is measured on views 1..3, the hypernetwork sees view 0
     c.data.heldout_preopt_dir = ""  # targets of held-out identities: R^2 on them
+    c.data.target_probe = ""  # probe.json of configs/probe.py on stage 1's recipe: recorded in the card
     c.data.r2_subset = 256  # training identities the training R^2 is measured on
 
     c.mesh = config_lib.mesh()

@@ -28,6 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # basis): 300 steps at 5e-2 reached identity score 0.19 in a two-identity probe, where LoRA
     # reached 0.16 at 1e-3 and 0.28 at 1e-2. Gradients are clipped row by row (per identity).
     c.optim = config_lib.optim(1e-3 if sd15 else 5e-2 if toy else 1e-2, weight_decay=0.0 if toy else 1e-2)
+    c.samples_per_step = 1  # views (each with its own noise and timestep) per identity per step
+    c.frozen_factors = ()  # LiDB factors held at the shared init, e.g. ("a_train",)
+    c.noise_seed = 0  # another seed: other views, noise and timesteps from the same init (the probe)
     c.chunk_size = 16 if toy else 8  # identities trained together; a multiple of the device count
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"

@@ -42,35 +42,50 @@ def row_keys(rng: jax.Array, identity_ids: jax.Array, step: jax.Array) -> jax.Ar
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, i), step))(identity_ids)
 
 
-def make_step(sd, adapters: Mapping[str, A.Adapter], optimizer) -> Callable:
+def make_step(sd, adapters: Mapping[str, A.Adapter], optimizer, samples_per_step: int = 1) -> Callable:
     """``step(state, frozen, chunk, rng) -> (state, {"loss", "losses" [K]})`` (not yet jitted).
 
     ``state["trainable"]`` leaves are ``[K, ...]``; ``chunk = {"views" [K, V, H, W, 3] in [-1, 1],
-    "input_ids" [K, L], "identities" [K]}``. Each step every row draws one of its V views.
+    "input_ids" [K, L], "identities" [K]}``. Each step every row draws ``samples_per_step`` of its
+    V views (with replacement), each with its own VAE sample, noise and timestep; a row's loss is
+    their mean. More samples per step lower the gradient noise that makes two runs of one identity
+    disagree (the target-quality probe measures it).
     """
     sched_state = sd.noise_scheduler.create_state()
+    s = int(samples_per_step)
+    if s < 1:
+        raise ValueError(f"samples_per_step={samples_per_step}: need >= 1")
 
     def step(state, frozen, chunk, rng):
         keys = row_keys(rng, chunk["identities"], state["step"])  # [K]
         k_view, k_loss = jax.vmap(jax.random.split)(keys).transpose(1, 0, *range(2, keys.ndim + 1))
-        num_views = chunk["views"].shape[1]
-        which = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_views))(k_view)  # [K]
-        pixels = jnp.take_along_axis(chunk["views"], which[:, None, None, None, None], axis=1)[
-            :, 0
-        ]  # [K, H, W, 3]
+        k, num_views = chunk["views"].shape[:2]
+        which = jax.vmap(lambda key: jax.random.randint(key, (s,), 0, num_views))(k_view)  # [K, S]
+        pixels = jnp.take_along_axis(chunk["views"], which[:, :, None, None, None], axis=1)  # [K, S, H, W, 3]
+        pixels = pixels.reshape(k * s, *pixels.shape[2:])  # [K·S, H, W, 3], row-major per identity
+        if s == 1:
+            sample_keys = k_loss  # [K] (the one-sample recipe's draws are unchanged)
+        else:
+            sample_keys = jax.vmap(lambda key: jax.random.split(key, s))(k_loss)  # [K, S]
+            sample_keys = sample_keys.reshape(k * s, *sample_keys.shape[2:])
+        ids = jnp.repeat(chunk["input_ids"], s, axis=0)  # [K·S, L]
 
         def losses(trainable):
-            with A.attach_all(adapters, trainable, frozen["basis"], per_sample=True):
-                return diffusion.denoising_loss(
+            per_row = (
+                jax.tree_util.tree_map(lambda x: jnp.repeat(x, s, axis=0), trainable) if s > 1 else trainable
+            )
+            with A.attach_all(adapters, per_row, frozen["basis"], per_sample=True):
+                per = diffusion.denoising_loss(
                     sd,
                     sched_state,
                     frozen["params"],
                     pixels,
-                    chunk["input_ids"],
-                    k_loss,
+                    ids,
+                    sample_keys,
                     per_sample=True,
                     per_sample_keys=True,
                 )
+            return per.reshape(k, s).mean(axis=1)  # [K]
 
         (_, per_identity), grads = jax.value_and_grad(
             lambda t: (jnp.sum(per := losses(t)), per), has_aux=True
@@ -81,6 +96,28 @@ def make_step(sd, adapters: Mapping[str, A.Adapter], optimizer) -> Callable:
         return new, {"loss": jnp.mean(per_identity), "losses": per_identity}
 
     return step
+
+
+def freeze_factors(optimizer, trainable_example: Mapping[str, Any], frozen_factors) -> Any:
+    """``optimizer`` on every factor except those named in ``frozen_factors`` (held at their init).
+
+    ``frozen_factors`` names LiDB factors (e.g. ``("a_train",)``: only ``b_train`` learns, so
+    ``ΔW = A_aux·A_0·B_train·B_aux`` is linear in what trains and every identity shares ``A_0``).
+    """
+    frozen_factors = tuple(frozen_factors)
+    if not frozen_factors:
+        return optimizer
+    names = {n for c in trainable_example.values() for layer in c.values() for n in layer}
+    unknown = sorted(set(frozen_factors) - names)
+    if unknown:
+        raise ValueError(f"config.frozen_factors={list(frozen_factors)}: {unknown} not among {sorted(names)}")
+    labels = {
+        c: {
+            p: {n: ("frozen" if n in frozen_factors else "train") for n in layer} for p, layer in tree.items()
+        }
+        for c, tree in trainable_example.items()
+    }
+    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 def make_eval(sd, adapters: Mapping[str, A.Adapter], draws: int = 2) -> Callable:
@@ -135,11 +172,17 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any], sour
     if chunk % mesh.size:
         raise ValueError(f"config.chunk_size={chunk} must be a multiple of the mesh's {mesh.size} devices")
     k_init, k_basis, k_train, k_eval = jax.random.split(jax.random.PRNGKey(config.seed), 4)
+    # Another noise seed draws other views, noise and timesteps from the same shared init and basis:
+    # two runs of one identity that differ only there measure how consistent the targets are.
+    k_train = jax.random.fold_in(k_train, config.noise_seed) if config.noise_seed else k_train
     adapters_ = build.adapters(config.adapter, params)
     basis, basis_hash = build.frozen_trees(config.adapter, adapters_, k_basis, out_dir)
     if not todo:
         return {"trained": [], "workdir": out_dir, "basis_hash": basis_hash}
-    optimizer = build.optimizer(config.optim, config.steps, per_row=True)
+    shared_init = {c: a.init(k_init) for c, a in adapters_.items()}  # one draw for every identity
+    optimizer = freeze_factors(
+        build.optimizer(config.optim, config.steps, per_row=True), shared_init, config.frozen_factors
+    )
     rules = [tuple(r) for r in config.sharding_rules]
     frozen = {"params": params, "basis": basis}
     frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh, rules))
@@ -147,7 +190,6 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any], sour
     views = int(getattr(source, "views_per_identity", 0) or config.data.images_per_identity)
     if config.data.source != "synthetic" or isinstance(source, identities_lib.ArrayIdentities):
         views = min(views, int(config.data.images_per_identity))
-    shared_init = {c: a.init(k_init) for c, a in adapters_.items()}  # one draw for every identity
 
     def init_state():
         trainable = A.broadcast_batch(shared_init, chunk)
@@ -163,7 +205,7 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any], sour
     state_sh = jax.tree_util.tree_map(lambda x: per_identity if x.ndim else replicated, abstract)
     init = jax.jit(init_state, out_shardings=state_sh)
     step = jax.jit(
-        make_step(sd, adapters_, optimizer),
+        make_step(sd, adapters_, optimizer, config.samples_per_step),
         donate_argnums=(0,),
         in_shardings=(state_sh, None, per_identity, None),
         out_shardings=(state_sh, None),
@@ -175,6 +217,11 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any], sour
         "steps": config.steps,
         "views": views,
         "init": "shared",
+        "init_std": float(config.adapter.lidb.init_std),
+        "samples_per_step": int(config.samples_per_step),
+        "frozen_factors": list(config.frozen_factors),
+        "schedule": config.optim.schedule,
+        "noise_seed": int(config.noise_seed),
     }
     trained = []
     bar = metrics.progress(len(todo), desc="identities")

@@ -21,6 +21,7 @@ JOBS: dict[str, str] = {
     "attributes": "hdb_jax.toy.attributes_train:train",
     "sweep": "hdb_jax.sweep:run",
     "demo": "hdb_jax.demo:run",
+    "probe": "hdb_jax.probe:run",
 }
 
 

@@ -73,3 +73,18 @@ def test_r_squared_of_known_predictions():
     mean_pred_r2 = 1 - np.sum((products.mean(0) - products) ** 2) / np.sum((products - products.mean(0)) ** 2)
     assert abs(mean_pred_r2) < 1e-12
     assert ht.r_squared(mean, np.asarray(target), kind) < 0.5
+
+
+def test_factor_distance_and_the_saddle_of_the_dw_distance_at_zero():
+    """The dW distance has zero gradient at a zero prediction (exact saddle); the factor one does not."""
+    kind = A.LiDB(a=6, b=4, rank=1)
+    target = _tokens(jax.random.PRNGKey(5), kind, n=3, batch=2)
+    pred = _tokens(jax.random.PRNGKey(6), kind, n=3, batch=2)
+    np.testing.assert_allclose(
+        ht.factor_distance(pred, target), jnp.sum(jnp.square(pred - target), axis=(1, 2)), rtol=1e-6
+    )
+    zero = jnp.zeros_like(target)
+    g_dw = jax.grad(lambda p: jnp.sum(ht.weight_distance(p, target, kind)))(zero)
+    g_factor = jax.grad(lambda p: jnp.sum(ht.factor_distance(p, target)))(zero)
+    assert float(jnp.abs(g_dw).max()) == 0.0
+    np.testing.assert_allclose(g_factor, -2 * target, rtol=1e-6)

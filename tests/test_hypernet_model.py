@@ -228,3 +228,29 @@ def test_encoder_loads_pytorch_checkpoint(tmp_path, adapters, images):
 
     with pytest.raises(ModelLoadError, match="hidden_size"):
         H.load_encoder_params(tmp_path, H.encoder_config("sd15"))
+
+
+def test_offset_is_the_start_of_the_iteration(adapters, images):
+    """θ̂_0 = offset: a zero head predicts exactly the offset, and each step adds to it."""
+    net, init = H.build_hypernet("tiny", adapters, KIND, num_blocks=1, zero_init_head=True, offset=True)
+    params = init(jax.random.PRNGKey(0))
+    n = len(H.token_layout(adapters))
+    assert params["decoder"]["offset"].shape == (n, W) and not np.any(params["decoder"]["offset"])
+    offset = jax.random.normal(jax.random.PRNGKey(3), (n, W))
+    params = {**params, "decoder": {**params["decoder"], "offset": offset}}
+    predict = lambda p, s: net.apply({"params": p}, images, s, method="predict_tokens")  # noqa: E731
+    np.testing.assert_array_equal(predict(params, 2), jnp.broadcast_to(offset, (2, n, W)))
+    # With a non-zero head: one step from the offset is offset + refine(context, offset).
+    head = jax.random.normal(jax.random.PRNGKey(4), params["decoder"]["head"]["kernel"].shape) * 0.1
+    params = {
+        **params,
+        "decoder": {**params["decoder"], "head": {**params["decoder"]["head"], "kernel": head}},
+    }
+    features = net.apply({"params": params}, images, method="encode")
+    step = net.apply(
+        {"params": params},
+        net.apply({"params": params}, features, method=lambda m, f: m.decoder.project(f)),
+        jnp.broadcast_to(offset, (2, n, W)),
+        method=lambda m, c, e: m.decoder.refine(c, e),
+    )
+    np.testing.assert_allclose(predict(params, 1), offset + step, rtol=1e-6, atol=1e-6)

@@ -128,3 +128,45 @@ def test_duplicated_identity_gets_the_same_targets_anywhere(tmp_path):
         float(np.abs(f["b_train"][0] - f["b_train"][1]).max()) for t in trees.values() for f in t.values()
     )
     assert moved > 1e-3 and others > 1e-4  # the targets moved, and another identity's differ
+
+
+def test_frozen_factor_and_several_samples_per_step_keep_targets_a_function_of_the_identity(tmp_path):
+    """``a_train`` held at the shared init, two samples per step, and another noise seed."""
+    from hdb_jax import build
+    from hdb_jax import preopt as preopt_lib
+
+    def run(name, identities, noise_seed):
+        config = load_config("preopt", "tiny")
+        config.workdir, config.chunk_size, config.steps = str(tmp_path / name), 2, 4
+        config.data.identities, config.mesh.data = identities, 1
+        config.samples_per_step, config.frozen_factors, config.noise_seed = 2, ("a_train",), noise_seed
+        config.adapter.basis_file = str(tmp_path / "basis.safetensors")
+        sd, params = build.base_model(config.model)
+        preopt_lib.train(config, sd, params)
+        return weights.load(config.workdir)[1]
+
+    trees = run("a", (11, 7, 7, 12), 0)
+    again = run("b", (7,), 1)  # identity 7 again, other views / noise / timesteps
+    for component, tree in trees.items():
+        for path, f in tree.items():
+            a, b = f["a_train"], f["b_train"]
+            # a_train never moved: every identity holds the shared init, bit for bit.
+            assert np.array_equal(a, np.broadcast_to(a[0], a.shape)), f"{component}/{path}"
+            assert np.array_equal(again[component][path]["a_train"][0], a[0])
+            np.testing.assert_allclose(b[1], b[2], atol=1e-6, rtol=0)  # the duplicate, wherever it sits
+    b_all = lambda t: np.concatenate(
+        [f["b_train"].reshape(len(f["b_train"]), -1) for c in t.values() for f in c.values()], 1
+    )  # noqa: E731
+    first, second = b_all(trees), b_all(again)
+    assert np.abs(first).max() > 1e-3
+    assert np.abs(first[1] - second[0]).max() > 1e-4  # the noise seed changed the draws
+
+
+def test_frozen_factors_names_must_exist():
+    import pytest
+
+    from hdb_jax import preopt as preopt_lib
+
+    tree = {"unet": {"x": {"a_train": jnp.zeros(2), "b_train": jnp.zeros(2)}}}
+    with pytest.raises(ValueError, match=r"\['down'\] not among \['a_train', 'b_train'\]"):
+        preopt_lib.freeze_factors(build.optimizer(load_config("preopt", "tiny").optim), tree, ("down",))

@@ -49,6 +49,33 @@ def done_identities(directory: str | os.PathLike) -> set:
     return {row["identity"] for row in read_index(directory)}
 
 
+def settings(directory: str | os.PathLike) -> dict:
+    """The pre-optimisation settings recorded in the dataset's chunks (``meta``), and its size.
+
+    Returns:
+      ``{"identities": N, "chunks": C, "settings": {...}}``; ``settings`` is the first chunk's
+      ``meta`` when every chunk records the same, else ``{"mixed": [each distinct meta]}``.
+
+    Raises:
+      WeightsDatasetError: no identities.
+    """
+    directory = os.fspath(directory)
+    rows = read_index(directory)
+    if not rows:
+        raise WeightsDatasetError(f"{directory}: no pre-optimised identities ({INDEX} missing or empty)")
+    chunks = sorted({r["chunk"] for r in rows})
+    metas = []
+    for name in chunks:
+        meta = json.loads(tensorfile.read_metadata(os.path.join(directory, name)).get("meta", "{}"))
+        if meta not in metas:
+            metas.append(meta)
+    return {
+        "identities": len(rows),
+        "chunks": len(chunks),
+        "settings": metas[0] if len(metas) == 1 else {"mixed": metas},
+    }
+
+
 def next_chunk_name(directory: str | os.PathLike) -> str:
     """A chunk file name no earlier run used."""
     numbers = [

@@ -35,7 +35,7 @@ from hdb_jax.hypernet.model import HyperNetwork, abstract_params, build_hypernet
 
 FORMAT = "hdb_jax.hypernet"
 WEIGHTS, BASIS = "hypernet.safetensors", "lidb_basis.safetensors"
-ARCH_FIELDS = ("encoder", "iterations", "mode", "num_blocks", "num_heads", "width", "train_encoder")
+ARCH_FIELDS = ("encoder", "iterations", "mode", "num_blocks", "num_heads", "width", "train_encoder", "offset")
 
 
 class BundleError(ValueError):
@@ -90,7 +90,7 @@ def save(
     out.mkdir(parents=True, exist_ok=True)
     kind = net.kind
     meta = {
-        "arch": {k: arch[k] for k in ARCH_FIELDS},
+        "arch": {k: arch.get(k, False) if k == "offset" else arch[k] for k in ARCH_FIELDS},
         "lidb": dataclasses.asdict(kind),
         "patterns": {c: list(p) for c, p in patterns.items() if p},
         "layout": _layout(net.adapters),
@@ -193,6 +193,7 @@ def load(
         num_blocks=arch["num_blocks"],
         num_heads=arch["num_heads"],
         train_encoder=arch["train_encoder"],
+        offset=bool(arch.get("offset", False)),  # bundles before the offset existed have none
     )
     expected = tensorfile.flatten(abstract_params(net))
     stored, _ = tensorfile.read(directory / WEIGHTS, format=FORMAT, error=BundleError)

@@ -35,6 +35,42 @@ def _r2_line(extra: Mapping[str, Any]) -> str:
     )
 
 
+def _target_lines(targets: Mapping[str, Any] | None) -> list[str]:
+    """The targets' stage-1 recipe and the target-quality probe's figures (what R² can reach)."""
+    if not targets:
+        return []
+    lines = ["", "## Targets (stage 1)"]
+    for ds in targets.get("datasets", []):
+        st = ds.get("settings", {})
+        keys = (
+            "learning_rate",
+            "schedule",
+            "steps",
+            "views",
+            "samples_per_step",
+            "init_std",
+            "frozen_factors",
+        )
+        lines.append(
+            f"- {ds['identities']} identities in {ds['chunks']} chunks; "
+            + ", ".join(f"{k} {st[k]}" for k in keys if k in st)
+            + "."
+        )
+    probe = targets.get("probe")
+    if probe:
+        oracle = probe.get("oracle_identity", {})
+        ci = oracle.get("ci95", [None, None])
+        lines.append(
+            f"- Target-quality probe (`{probe.get('file')}`, {len(probe.get('identities', []))} identities x 2 "
+            f"noise seeds): two runs of one identity agree to cosine {_fmt(probe.get('cos_within'), 3)} "
+            f"(different identities {_fmt(probe.get('cos_between'), 3)}; after removing the mean target "
+            f"{_fmt(probe.get('cos_within_centred'), 3)}, which bounds the R² any predictor can reach on "
+            f"such targets); the targets themselves merged give identity score {_fmt(oracle.get('mean'), 3)} "
+            f"[{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]."
+        )
+    return lines
+
+
 def model_card(config: ml_collections.ConfigDict, extra: Mapping[str, Any], base_model: str) -> str:
     """Markdown card for the bundle trained with ``config``; ``extra`` is what the bundle records."""
     h, loss, o, d = config.hypernet, config.loss, config.optim, config.data
@@ -53,8 +89,20 @@ def model_card(config: ml_collections.ConfigDict, extra: Mapping[str, Any], base
         f"- Data: {extra.get('identities')} identities with pre-optimised targets from "
         f"`{d.preopt_dir or 'none'}`; the hypernetwork sees one view, the UNet denoises "
         f"{'the same view' if d.get('denoise_on', 'same') == 'same' else 'another view'}; prompt `{d.prompt}`.",
-        f"- Loss: {loss.alpha} x denoising + {loss.beta} x squared distance of the weight updates "
-        "(summed over layers; invariant to the factorisation)"
+        f"- Prediction: {'a learned per-token offset (the mean target at step 0) plus' if h.get('offset') else 'zero plus'}"
+        f" {h.iterations} refinement step(s) of the decoder."
+        + (
+            f" {d.fresh_per_batch} of every {config.batch_size} rows are fresh synthetic identities with no target"
+            " (the denoising term only)."
+            if d.get("fresh_per_batch", 0)
+            else ""
+        ),
+        f"- Loss: {loss.alpha} x denoising + {loss.beta} x "
+        + (
+            "squared distance of the LiDB factors (summed over layers; targets share one init)"
+            if loss.get("space", "dw") == "factor"
+            else "squared distance of the weight updates (summed over layers; invariant to the factorisation)"
+        )
         + (
             f"; the first {loss.regress_only_steps} steps fit the weights only (no UNet run)."
             if loss.get("regress_only_steps", 0)
@@ -70,6 +118,7 @@ def model_card(config: ml_collections.ConfigDict, extra: Mapping[str, Any], base
             + "; ".join(f"to step {p['to_step']}: alpha {p['alpha']}, beta {p['beta']}" for p in phases)
             + "."
         )
+    lines += _target_lines(extra.get("targets"))
     lines += [
         "",
         "## Measured (by the training job; the bundle's metadata, `bundle.read_meta`, has every figure)",

@@ -19,6 +19,7 @@ from hdb_jax.data import weights as weights_lib
 from hdb_jax.hypernet import decoder as dec
 
 DENOISE_ON = ("same", "other")
+FRESH_BASE = 20_000_000  # synthetic ids of fresh identities: FRESH_BASE + step · fresh + j (never reused)
 
 
 def targets(
@@ -49,16 +50,25 @@ class Data:
     seed: int
     token_shape: tuple[int, int]  # (n, W)
     denoise_on: str = "same"
+    fresh: int = 0  # the last ``fresh`` rows of every batch are new synthetic identities (no target)
+    fresh_source: Any = None  # renders any synthetic identity (needed when fresh > 0)
 
     def __post_init__(self):
+        if not 0 <= self.fresh <= self.batch_size:
+            raise ValueError(f"config.data.fresh_per_batch={self.fresh}: need 0..{self.batch_size}")
+        if self.fresh and self.fresh_source is None:
+            raise ValueError("config.data.fresh_per_batch > 0 needs a synthetic identity source")
         if self.denoise_on not in DENOISE_ON:
             raise ValueError(f"config.data.denoise_on={self.denoise_on!r}: choose from {DENOISE_ON}")
         if self.denoise_on == "other" and self.source.views_per_identity < 2:
             raise ValueError("config.data.denoise_on='other' needs at least 2 views per identity")
 
     def rows(self, step: int) -> np.ndarray:
-        """Indices into ``identities`` of the global batch at ``step`` (epoch-wise permutation)."""
-        n, b = len(self.identities), self.batch_size
+        """Indices into ``identities`` of the global batch's dataset rows at ``step`` (epoch-wise permutation).
+
+        The batch's last :attr:`fresh` rows are fresh identities and not counted here.
+        """
+        n, b = len(self.identities), self.batch_size - self.fresh
         flat = step * b + np.arange(b)
         epochs = flat // n
         perms = {e: np.random.default_rng([self.seed, 5, int(e)]).permutation(n) for e in np.unique(epochs)}
@@ -75,23 +85,30 @@ class Data:
 
     def load(self, step: int, positions: np.ndarray) -> dict[str, np.ndarray]:
         """The rows at ``positions`` of the global batch of ``step`` (what one process holds)."""
-        rows = self.rows(step)[positions]
+        positions = np.asarray(positions)
+        dataset_rows = self.rows(step)
+        kept = self.batch_size - self.fresh
         seen, denoised = (v[positions] for v in self.view_indices(step))
-        ids = [self.identities[int(r)] for r in rows]
-        pix = lambda which: np.stack([self.source.views(i, [int(v)])[0] for i, v in zip(ids, which)])  # noqa: E731
+        # (source, identity, dataset row or -1) of every position: dataset rows first, fresh ones last.
+        who = [
+            (self.source, self.identities[int(dataset_rows[p])], int(dataset_rows[p]))
+            if p < kept
+            else (self.fresh_source, FRESH_BASE + step * self.fresh + int(p - kept), -1)
+            for p in positions
+        ]
+        pix = lambda which: np.stack([src.views(i, [int(v)])[0] for (src, i, _), v in zip(who, which)])  # noqa: E731
         first = images.to_unit_range(pix(seen))
         second = first if self.denoise_on == "same" else images.to_unit_range(pix(denoised))
-        if self.tokens is None:
-            tokens, has = (
-                np.zeros((len(rows), *self.token_shape), np.float32),
-                np.zeros(len(rows), np.float32),
-            )
-        else:
-            tokens, has = self.tokens[rows].astype(np.float32), np.ones(len(rows), np.float32)
+        tokens = np.zeros((len(positions), *self.token_shape), np.float32)
+        has = np.zeros(len(positions), np.float32)
+        if self.tokens is not None:
+            for k, (_, _, r) in enumerate(who):
+                if r >= 0:
+                    tokens[k], has[k] = self.tokens[r], 1.0
         return {
             "images": first,
             "targets": second,
-            "input_ids": np.stack([self.prompt_ids] * len(rows)),
+            "input_ids": np.stack([self.prompt_ids] * len(positions)),
             "target_tokens": tokens,
             "has_target": has,
         }

@@ -167,6 +167,9 @@ class WeightDecoder(nn.Module):
       zero_init_head: initialise the output projection to zero (every prediction starts at 0);
         otherwise its kernel is N(0, head_std²) and its bias zero.
       head_std: standard deviation of the output kernel's initialisation.
+      offset: start the iteration at a learned per-token offset θ̂_0 (parameter ``offset``
+        ``[n, W]``, zero-initialised; training sets it to the targets' mean, so step 0 predicts the
+        mean identity and the weight loss has no saddle at the start) instead of θ̂_0 = 0.
       dtype: computation dtype.
     """
 
@@ -179,6 +182,7 @@ class WeightDecoder(nn.Module):
     mlp_ratio: int = 4
     zero_init_head: bool = False
     head_std: float = 1e-3
+    offset: bool = False
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -200,6 +204,8 @@ class WeightDecoder(nn.Module):
         self.head_norm = nn.LayerNorm(dtype=self.dtype)
         kernel_init = nn.initializers.zeros if self.zero_init_head else nn.initializers.normal(self.head_std)
         self.head = nn.Dense(self.token_width, kernel_init=kernel_init, dtype=self.dtype)
+        if self.offset:
+            self.start = self.param("offset", nn.initializers.zeros, (self.num_tokens, self.token_width))
 
     def project(self, features: jax.Array) -> jax.Array:
         """Image features ``[B, N, D]`` -> context ``[B, N, width]`` (once per forward)."""
@@ -227,11 +233,16 @@ class WeightDecoder(nn.Module):
         return self.head(self.head_norm(x)).astype(jnp.float32)  # [B, n, W]
 
     def __call__(self, features: jax.Array, iterations: int = 4) -> jax.Array:
-        """θ̂_s from image features ``[B, N, D]``: weight tokens ``[B, n, W]`` (float32)."""
+        """θ̂_s from image features ``[B, N, D]``: weight tokens ``[B, n, W]`` (float32).
+
+        θ̂_0 is 0, or the ``offset`` parameter when the decoder has one.
+        """
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         context = self.project(features)  # [B, N, width]
         estimate = jnp.zeros((features.shape[0], self.num_tokens, self.token_width), jnp.float32)
+        if self.offset:
+            estimate = estimate + self.start[None].astype(jnp.float32)  # θ̂_0 = the offset
         for _ in range(iterations):
             estimate = estimate + self.refine(context, estimate)
         return estimate

@@ -104,6 +104,7 @@ def build_hypernet(
     train_encoder: bool = False,
     zero_init_head: bool = False,
     head_std: float = 1e-3,
+    offset: bool = False,
     encoder_path: str | os.PathLike | None = None,
     dtype: Any = jnp.float32,
 ) -> tuple[HyperNetwork, Callable[[jax.Array], dict]]:
@@ -123,6 +124,7 @@ def build_hypernet(
       train_encoder: let the encoder train too.
       zero_init_head: zero output projection (every prediction starts at exactly 0).
       head_std: std of the output kernel otherwise.
+      offset: the decoder starts from a learned per-token offset (see ``WeightDecoder.offset``).
       encoder_path: a local CLIP vision directory whose weights ``init`` loads (see
         :func:`~hdb_jax.hypernet.encoder.load_encoder_params`); None: random encoder.
       dtype: computation dtype (parameters stay float32).
@@ -152,6 +154,7 @@ def build_hypernet(
         mode=mode,
         zero_init_head=zero_init_head,
         head_std=head_std,
+        offset=offset,
         dtype=dtype,
     )
     module = HyperNetwork(

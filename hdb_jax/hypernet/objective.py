@@ -36,6 +36,20 @@ def weight_distance(predicted: jax.Array, target: jax.Array, kind: A.LiDB) -> ja
     return jnp.sum(jnp.square(diff), axis=(-3, -2, -1))
 
 
+def factor_distance(predicted: jax.Array, target: jax.Array) -> jax.Array:
+    """``Σ_layers ‖θ̂ − θ‖²`` over the LiDB factors themselves, per sample ``[...]``.
+
+    Unlike :func:`weight_distance` it has no saddle at a zero prediction (its gradient there is
+    ``-2θ``), but it is only meaningful for targets whose factorisation is shared: stage 1 with
+    one init for every identity (and ``a_train`` held at it), so that the sign and scale of the
+    factors mean the same thing for every identity.
+    """
+    return jnp.sum(jnp.square(predicted - target), axis=(-2, -1))
+
+
+WEIGHT_SPACES = {"dw": "weight_distance", "factor": "factor_distance"}
+
+
 def r_squared(predicted: np.ndarray, target: np.ndarray, kind: A.LiDB) -> float:
     """``1 − Σ‖ΔŴ − ΔW‖² / Σ‖ΔW − mean ΔW‖²`` over identities (tokens ``[N, n, W]``), in ΔW space."""
     pred = np.asarray(weight_products(jnp.asarray(predicted), kind), np.float64)
@@ -46,9 +60,19 @@ def r_squared(predicted: np.ndarray, target: np.ndarray, kind: A.LiDB) -> float:
 
 
 def make_step(
-    sd, net: HyperNetwork, adapters, optimizer, alpha: float, beta: float, regress_only_steps: int = 0
+    sd,
+    net: HyperNetwork,
+    adapters,
+    optimizer,
+    alpha: float,
+    beta: float,
+    regress_only_steps: int = 0,
+    weight_space: str = "dw",
 ):
     """``step(state, frozen, batch, rng) -> (state, metrics)`` (pure; jitted by the caller).
+
+    ``weight_space`` is where β's distance is measured: ``dw`` (:func:`weight_distance`, invariant
+    to the factorisation) or ``factor`` (:func:`factor_distance`).
 
     ``alpha = 0`` traces no UNet at all (weight regression only). ``regress_only_steps > 0``
     compiles both losses into one program and runs only the regression (a ``lax.cond`` on the
@@ -58,6 +82,8 @@ def make_step(
     ``batch = {"images" [B,H,W,3] (what H sees), "targets" [B,H,W,3] (what the UNet denoises),
     "input_ids" [B,L], "target_tokens" [B,n,W], "has_target" [B]}``.
     """
+    if weight_space not in WEIGHT_SPACES:
+        raise ValueError(f"config.loss.space={weight_space!r}: choose from {sorted(WEIGHT_SPACES)}")
     sched_state = sd.noise_scheduler.create_state()
     size = net.image_size
 
@@ -88,7 +114,10 @@ def make_step(
             )
         else:
             denoise = denoising(tokens, frozen, batch, key)
-        per_sample = weight_distance(tokens, batch["target_tokens"], net.kind)  # [B]
+        if weight_space == "factor":
+            per_sample = factor_distance(tokens, batch["target_tokens"])  # [B]
+        else:
+            per_sample = weight_distance(tokens, batch["target_tokens"], net.kind)  # [B]
         weights = batch["has_target"]
         regress = jnp.sum(weights * per_sample) / jnp.maximum(jnp.sum(weights), 1.0)
         return alpha * denoise + beta * regress, {"denoise": denoise, "regress": regress}

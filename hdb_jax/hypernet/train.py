@@ -28,11 +28,13 @@ import numpy as np
 from hdb_jax import adapters as A
 from hdb_jax import build, checkpoint, images, loop, metrics, sharding, tensorfile
 from hdb_jax.data import identities as identities_lib
+from hdb_jax.data import weights as weights_lib
 from hdb_jax.hypernet import bundle, card
 from hdb_jax.hypernet import data as hdata
 from hdb_jax.hypernet import decoder as dec
 from hdb_jax.hypernet.model import HyperNetwork, build_hypernet, split_params
 from hdb_jax.hypernet.objective import (  # noqa: F401  (the stage's public API)
+    factor_distance,
     make_eval,
     make_step,
     r_squared,
@@ -58,6 +60,7 @@ def _hypernet(config, adapters):
         train_encoder=h.train_encoder,
         encoder_path=h.encoder_path or None,
         width=h.width or None,
+        offset=h.offset,
     )
 
 
@@ -81,6 +84,7 @@ def sharded_step(config, sd, net, adapters, optimizer, mesh, abstract_state, abs
         config.loss.alpha,
         config.loss.beta,
         config.loss.get("regress_only_steps", 0),
+        config.loss.space,
     )
     step = jax.jit(
         wrap(step_fn) if wrap is not None else step_fn,
@@ -295,6 +299,28 @@ def _heldout_check(config, s: Setup, hyper_params, count: int = 8) -> dict | Non
     }
 
 
+def _target_record(config) -> dict | None:
+    """What the targets are: stage 1's recorded settings per dataset and the target-quality probe's figures."""
+    if not config.data.preopt_dir:
+        return None
+    record: dict[str, Any] = {
+        "datasets": [weights_lib.settings(p) for p in str(config.data.preopt_dir).split(",") if p]
+    }
+    if config.data.target_probe:  # a probe.json of hdb_jax.probe on the same stage-1 recipe
+        probe = json.loads(Path(config.data.target_probe).read_text())
+        keys = (
+            "identities",
+            "cos_within",
+            "cos_between",
+            "cos_within_centred",
+            "oracle_identity",
+            "loss_drop",
+        )
+        record["probe"] = {k: probe[k] for k in keys if k in probe}
+        record["probe"]["file"] = _display_path(os.fspath(config.data.target_probe))
+    return record
+
+
 def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> dict:
     """Trains (or resumes) the hypernetwork on the base model ``(sd, params)``; writes its bundle.
 
@@ -328,8 +354,20 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
         config.data.seed,
         (n_tok, width),
         config.data.get("denoise_on", "same"),
+        fresh=config.data.fresh_per_batch,
+        fresh_source=(
+            identities_lib.from_config(config.data, config.model.resolution, [])
+            if config.data.fresh_per_batch and config.data.source == "synthetic"
+            else None
+        ),
     )
     state, hyper_frozen = jax.jit(s.init_all, out_shardings=(s.state_sh, s.frozen_sh["hyper"]))(k_hyper)
+    if config.hypernet.offset and tokens is not None:  # θ̂_0 = the targets' mean: step 0 predicts the mean
+        mean = jax.device_put(
+            np.asarray(tokens, np.float32).mean(axis=0), s.state_sh["trainable"]["decoder"]["offset"]
+        )
+        decoder = {**state["trainable"]["decoder"], "offset": mean}
+        state = {**state, "trainable": {**state["trainable"], "decoder": decoder}}
     frozen = jax.device_put({"params": params, "basis": basis, "hyper": hyper_frozen}, s.frozen_sh)
     with (
         checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every) as ckpt,
@@ -387,6 +425,7 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
         "identities": len(identities),
         "preopt_dirs": [os.path.abspath(p) for p in str(config.data.preopt_dir).split(",") if p],
         "loss": config.loss.to_dict(),
+        "targets": _target_record(config),
         "r2_train": out.get("r2_train"),
         "r2_subset": int(min(len(identities), config.data.get("r2_subset", 256))),
         "heldout": out["heldout"],
