@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.hypernet.mode = "cross"  # or "concat" (the paper's concatenation)
     c.hypernet.num_blocks = 4
     c.hypernet.num_heads = 2
-    c.hypernet.width = 0  # 0: 2 x token width
+    c.hypernet.width = 256 if toy else 0  # 0: 2 x token width (toy tokens are 256 wide)
     # Start from a learned per-token offset set to the targets' mean (no saddle at step 0).
     c.hypernet.offset = toy
 

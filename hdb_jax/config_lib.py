@@ -129,10 +129,13 @@ def adapter(kind: str = "lidb", size: str = "tiny") -> ml_collections.ConfigDict
     c.unet_patterns = (PATTERNS["unet_proj_out"],) if kind == "residual" else (PATTERNS["unet_attention"],)
     c.text_patterns = () if kind in ("kron", "residual") else (PATTERNS["text_attention"],)
     c.basis_file = ""  # LiDB: a shared basis file; empty: <workdir>/lidb_basis.safetensors
-    # LiDB bases: a=100, b=50 of SD 1.5's 320-1280 wide layers; a quarter to a half of the toy
-    # model's 64-128 (a=32, b=16); a=16, b=8 on the tiny random model.
-    lidb = {"sd15": (100, 50), "toy": (32, 16), "tiny": (16, 8)}[size]
-    c.lidb = ml_collections.ConfigDict(dict(a=lidb[0], b=lidb[1], rank=1, init_std=1e-3))
+    # LiDB bases: a=100, b=50 of SD 1.5's 320-1280 wide layers; a=16, b=8 on the tiny random model.
+    # The toy model's layers are 64-128 wide: in its 32-of-64/128 and 16-of-64/128 subspaces no
+    # recipe carried identity, so its bases are as wide as its widest layers (a=b=128; on 64-wide
+    # layers the basis is a [64, 128] frame). Its a_train starts at N(0, 1) like LoRA's down
+    # factor: with a 1e-3 start Adam's first steps set the factor's direction from noise.
+    lidb = {"sd15": (100, 50, 1e-3), "toy": (128, 128, 1.0), "tiny": (16, 8, 1e-3)}[size]
+    c.lidb = ml_collections.ConfigDict(dict(a=lidb[0], b=lidb[1], rank=1, init_std=lidb[2]))
     c.lora = ml_collections.ConfigDict(dict(rank=4, alpha=4.0))
     # DiffuseKronA's official SD recipe (scripts/finetune_sd.sh): a1=64 (divides out), a2=8 (divides in).
     c.kron = ml_collections.ConfigDict(dict(a1=64, a2=8, scale=1.0) if sd15 else dict(a1=4, a2=8, scale=1.0))
