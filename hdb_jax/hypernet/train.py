@@ -26,12 +26,13 @@ import ml_collections
 import numpy as np
 
 from hdb_jax import adapters as A
-from hdb_jax import build, checkpoint, images, loop, metrics, sharding, tensorfile
+from hdb_jax import build, checkpoint, loop, metrics, sharding, tensorfile
 from hdb_jax.data import identities as identities_lib
-from hdb_jax.data import weights as weights_lib
 from hdb_jax.hypernet import bundle, card
 from hdb_jax.hypernet import data as hdata
 from hdb_jax.hypernet import decoder as dec
+from hdb_jax.hypernet import evaluate as hevaluate
+from hdb_jax.hypernet.evaluate import HELDOUT_CHECK, evaluate_heldout  # noqa: F401  (public API)
 from hdb_jax.hypernet.model import HyperNetwork, build_hypernet, split_params
 from hdb_jax.hypernet.objective import (  # noqa: F401  (the stage's public API)
     factor_distance,
@@ -198,129 +199,6 @@ def _apply(compiled, state, batch, *, frozen, rng):
     return compiled(state, frozen, batch, rng)
 
 
-def evaluate_heldout(config, sd, net, adapters_, params, basis, hyper_params) -> dict:
-    """Held-out identities: denoising loss on their *other* views with predicted vs zero weights,
-    and (with ``data.heldout_preopt_dir``) R² of the predictions against their own targets."""
-    out: dict[str, Any] = {}
-    ids = list(config.data.heldout)  # synthetic ids, or sub-folder names of the identities folder
-    if not ids:
-        return out
-    views = config.data.heldout_views
-    refs, others = hdata.heldout_views(
-        identities_lib.from_config(config.data, config.model.resolution, ids), ids, views
-    )
-    prompt = np.asarray(sd.tokenize([config.data.prompt]))[0]
-    frozen = {
-        "params": params,
-        "basis": basis,
-        "hyper": {},
-    }  # evaluation: every hypernet parameter is one tree
-    evaluate = jax.jit(make_eval(sd, net, adapters_))
-    predicted, zero = evaluate(
-        hyper_params,
-        frozen,
-        jnp.asarray(refs),
-        jnp.asarray(others),
-        jnp.asarray(np.stack([prompt] * (len(ids) * views))),
-        jax.random.PRNGKey(config.seed + 7),
-    )
-    out.update(predicted=float(predicted), zero=float(zero), identities=len(ids), views=views)
-    if config.data.get("heldout_preopt_dir"):
-        held_ids, held_tokens = hdata.targets(config.data.heldout_preopt_dir, adapters_, None)
-        held = identities_lib.from_config(config.data, config.model.resolution, held_ids)
-        held_refs = hdata.reference_views(held, held_ids)
-        pred = hdata.predict_tokens(net, hyper_params, held_refs)
-        out["r2"] = r_squared(pred, held_tokens, net.kind)
-        out["r2_identities"] = len(held_ids)
-    return out
-
-
-def _validation(config, sd, s: Setup, params, frozen):
-    """In-run validation: held-out references (top row) and "a sks face" sampled with the prediction."""
-    from hdb_jax import sample
-
-    ids = list(config.data.heldout)[:4]
-    if not ids:
-        return None
-    refs, _ = hdata.heldout_views(
-        identities_lib.from_config(config.data, config.model.resolution, ids), ids, 1
-    )
-    basis = jax.device_get(frozen["basis"])
-
-    def validate(state, step):
-        hyper = {**jax.device_get(frozen["hyper"]), **jax.device_get(state["trainable"])}
-        tokens = hdata.predict_tokens(s.net, hyper, refs, batch=len(ids))
-        drawn = []
-        for tok in tokens:
-            merged = A.merge_all(
-                params, s.adapters, dec.tokens_to_tree(jnp.asarray(tok), s.adapters, s.net.kind), basis
-            )
-            drawn.append(
-                sample.sample(
-                    sd,
-                    merged,
-                    [config.data.prompt],
-                    [0],
-                    num_steps=config.get("validate_sample_steps", 20),
-                    guidance_scale=3.0,
-                    batch_size=1,
-                    progress=False,
-                )[0]
-            )
-        grid = images.grid(np.concatenate([images.to_uint8(refs), np.stack(drawn)]), cols=len(ids))
-        return {"images": {"heldout_predictions": grid}}
-
-    return validate
-
-
-HELDOUT_CHECK = "heldout_targets.safetensors"
-
-
-def _display_path(source: str) -> str:
-    """A model path as a card shows it: relative to the repository when it is inside it."""
-    root = Path(__file__).resolve().parents[2]
-    path = Path(source).resolve() if os.path.exists(source) else None
-    return os.fspath(path.relative_to(root)) if path is not None and path.is_relative_to(root) else source
-
-
-def _heldout_check(config, s: Setup, hyper_params, count: int = 8) -> dict | None:
-    """The first ``count`` held-out identities' targets and the bundle's R² on them."""
-    if not config.data.get("heldout_preopt_dir"):
-        return None
-    ids, tokens = hdata.targets(config.data.heldout_preopt_dir, s.adapters, None)
-    ids, tokens = ids[:count], np.asarray(tokens[:count], np.float32)
-    held = identities_lib.from_config(config.data, config.model.resolution, ids)
-    refs = hdata.reference_views(held, ids)
-    r2 = r_squared(hdata.predict_tokens(s.net, hyper_params, refs), tokens, s.net.kind)
-    return {
-        "tensors": {"tokens": tokens},
-        "metadata": {"identities": json.dumps([int(i) for i in ids])},
-        "record": {"file": HELDOUT_CHECK, "identities": len(ids), "r2": r2},
-    }
-
-
-def _target_record(config) -> dict | None:
-    """What the targets are: stage 1's recorded settings per dataset and the target-quality probe's figures."""
-    if not config.data.preopt_dir:
-        return None
-    record: dict[str, Any] = {
-        "datasets": [weights_lib.settings(p) for p in str(config.data.preopt_dir).split(",") if p]
-    }
-    if config.data.target_probe:  # a probe.json of hdb_jax.probe on the same stage-1 recipe
-        probe = json.loads(Path(config.data.target_probe).read_text())
-        keys = (
-            "identities",
-            "cos_within",
-            "cos_between",
-            "cos_within_centred",
-            "oracle_identity",
-            "loss_drop",
-        )
-        record["probe"] = {k: probe[k] for k in keys if k in probe}
-        record["probe"]["file"] = _display_path(os.fspath(config.data.target_probe))
-    return record
-
-
 def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> dict:
     """Trains (or resumes) the hypernetwork on the base model ``(sd, params)``; writes its bundle.
 
@@ -376,7 +254,9 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
         start, state = loop.restore(ckpt, state, name="hypernet")  # restored into the state's shardings
         if start:
             print(f"hypernet: on mesh {dict(s.mesh.shape)}")
-        validate = _validation(config, sd, s, params, frozen) if config.get("validate_every", 0) else None
+        validate = (
+            hevaluate.validation(config, sd, s, params, frozen) if config.get("validate_every", 0) else None
+        )
         result = loop.train(
             state,
             lambda st, b: _apply(s.compiled, st, b, frozen=frozen, rng=k_train),
@@ -410,7 +290,7 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
                 hdata.predict_tokens(s.net, hyper_params, refs), tokens[subset], s.net.kind
             )
         host_params = jax.device_get(frozen["params"])
-        out["heldout"] = evaluate_heldout(
+        out["heldout"] = hevaluate.evaluate_heldout(
             config, sd, s.net, s.adapters, host_params, jax.device_get(frozen["basis"]), hyper_params
         )
         writer.scalars(
@@ -418,14 +298,14 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
         )
         if "r2_train" in out:
             writer.scalars(result.step, {"train/r2": out["r2_train"]})
-    check = _heldout_check(config, s, hyper_params) if jax.process_index() == 0 else None
+    check = hevaluate.heldout_check(config, s, hyper_params) if jax.process_index() == 0 else None
     extra = {
         "steps": result.step,
         "final_loss": result.last(),
         "identities": len(identities),
         "preopt_dirs": [os.path.abspath(p) for p in str(config.data.preopt_dir).split(",") if p],
         "loss": config.loss.to_dict(),
-        "targets": _target_record(config),
+        "targets": hevaluate.target_record(config),
         "r2_train": out.get("r2_train"),
         "r2_subset": int(min(len(identities), config.data.get("r2_subset", 256))),
         "heldout": out["heldout"],
@@ -452,9 +332,11 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
             )
         )
         if check is not None:  # a few held-out targets travel with the bundle: its R² can be re-measured
-            tensorfile.write(Path(out["bundle"]) / HELDOUT_CHECK, check["tensors"], check["metadata"])
+            tensorfile.write(
+                Path(out["bundle"]) / hevaluate.HELDOUT_CHECK, check["tensors"], check["metadata"]
+            )
         (Path(out["bundle"]) / "MODEL_CARD.md").write_text(
-            card.model_card(config, extra, _display_path(config.model.source))
+            card.model_card(config, extra, hevaluate.display_path(config.model.source))
         )
     return out
 
