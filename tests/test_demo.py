@@ -46,7 +46,11 @@ def test_reduced_demo_writes_every_row_and_column(tmp_path):
         "hypernet_vs_base",
         "hypernet+finetune_vs_zero@10",
         "hypernet+finetune_vs_zero@40",
+        "hypernet+finetune_vs_lora_dreambooth",
     }
+    vs_lora = report["bars"]["hypernet+finetune_vs_lora_dreambooth"]
+    assert vs_lora["identities"] == report["baseline_identities"]
+    assert vs_lora["fewer_steps"] == by_row["lora_dreambooth"]["steps"] / by_row["hypernet+finetune"]["steps"]
     # Stages ran in order and left their outputs: weights dataset, hypernetwork bundle, personal files.
     assert (workdir / "preopt" / "index.jsonl").read_text().count("\n") == 4
     assert (workdir / "hypernet" / "hypernet" / "hypernet.safetensors").is_file()

@@ -146,3 +146,22 @@ def test_report_rows_have_the_layout_other_tools_read():
     assert row["identities"] == 3 and len(row["identity"]["ci95"]) == 2
     table = report.markdown([row])
     assert table.splitlines()[2].startswith("| hypernet | ")
+
+
+def test_fraction_of_a_reference_row_on_shared_identities():
+    scores = {
+        "fast": {
+            1: {"identity": np.array([[0.2, 0.4]]), "steps": 40},
+            2: {"identity": np.array([[0.6, 0.6]]), "steps": 40},
+            3: {"identity": np.array([[0.9, 0.9]]), "steps": 40},  # not run by the reference
+        },
+        "slow": {
+            1: {"identity": np.array([[0.5, 0.5]]), "steps": 300},
+            2: {"identity": np.array([[0.5, 0.5]]), "steps": 300},
+        },
+    }
+    got = report.fraction_of(scores, "fast", "slow")
+    assert got["identities"] == [1, 2]
+    assert got["fast"] == pytest.approx(0.45) and got["slow"] == pytest.approx(0.5)
+    assert got["fraction"] == pytest.approx(0.9) and got["fewer_steps"] == pytest.approx(7.5)
+    assert report.fraction_of(scores, "fast", "missing") == {"available": False}

@@ -71,3 +71,36 @@ def compare(rows: Sequence[Mapping[str, Any]], better: str, worse: str, metric: 
         "higher": a["mean"] > b["mean"],
         "separated": a["mean"] > b["mean"] and not stats.overlaps(a, b),
     }
+
+
+def fraction_of(
+    scores: Mapping[str, Mapping[Any, Mapping[str, Any]]], row: str, reference: str, metric: str = "identity"
+) -> dict:
+    """``row``'s mean ``metric`` as a fraction of ``reference``'s, on the identities both were run on.
+
+    Args:
+      scores: ``{row: {identity: {metric: array, "steps": int, ...}}}`` (the main job's scores).
+
+    Returns:
+      ``{"available", "identities", row, reference, "fraction", "fewer_steps"}``; ``fewer_steps`` is
+      ``reference``'s steps over ``row``'s, ``fraction`` is NaN when ``reference``'s mean is <= 0.
+    """
+    if row not in scores or reference not in scores:
+        return {"available": False}
+    common = [i for i in scores[reference] if i in scores[row]]
+    if not common:
+        return {"available": False}
+    mean = lambda r: float(
+        np.mean([np.nanmean(np.asarray(scores[r][i][metric], np.float64)) for i in common])
+    )  # noqa: E731
+    steps = lambda r: int(np.max([int(scores[r][i]["steps"]) for i in common]))  # noqa: E731
+    a, b = mean(row), mean(reference)
+    return {
+        "available": True,
+        "metric": metric,
+        "identities": [int(i) for i in common],
+        row: a,
+        reference: b,
+        "fraction": a / b if b > 0 else float("nan"),
+        "fewer_steps": steps(reference) / max(steps(row), 1),
+    }
