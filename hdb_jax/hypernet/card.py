@@ -115,7 +115,12 @@ def model_card(config: ml_collections.ConfigDict, extra: Mapping[str, Any], base
     if phases:
         lines.append(
             "- Phases (one resumable run, the loss weights changed at a resume): "
-            + "; ".join(f"to step {p['to_step']}: alpha {p['alpha']}, beta {p['beta']}" for p in phases)
+            + "; ".join(
+                f"steps {p.get('from_step', '?')}-{p['to_step']}: alpha {p['alpha']}, beta {p['beta']}"
+                + (f", {p['fresh_per_batch']} fresh identities per batch" if p.get("fresh_per_batch") else "")
+                + (f", lr schedule over {p['schedule_steps']} steps" if p.get("schedule_steps") else "")
+                for p in phases
+            )
             + "."
         )
     lines += _target_lines(extra.get("targets"))
@@ -140,8 +145,23 @@ def model_card(config: ml_collections.ConfigDict, extra: Mapping[str, Any], base
         "python -m hdb_jax.train --config configs/preopt.py:toy,heldout --config.workdir=runs/preopt_heldout $B",
         "python -m hdb_jax.train --config configs/preopt.py:toy --config.workdir=runs/preopt $B"
         "  # stop it (Ctrl-C) after N identities",
-        "python -m hdb_jax.train --config configs/hypernet.py:toy --config.data.preopt_dir=runs/preopt $B \\",
-        "    --config.data.heldout_preopt_dir=runs/preopt_heldout",
+        "python -m hdb_jax.train --config configs/probe.py  # the targets' quality (cos within / between, oracle)",
+    ]
+    for p in extra.get("phases") or [
+        {
+            "to_step": extra.get("steps"),
+            "alpha": loss.alpha,
+            "regress_only_steps": loss.get("regress_only_steps", 0),
+            "fresh_per_batch": d.get("fresh_per_batch", 0),
+        }
+    ]:
+        lines += [
+            "python -m hdb_jax.train --config configs/hypernet.py:toy --config.data.preopt_dir=runs/preopt $B \\",
+            f"    --config.data.heldout_preopt_dir=runs/preopt_heldout --config.steps={p['to_step']} "
+            f"--config.loss.alpha={p['alpha']} --config.loss.regress_only_steps={p['regress_only_steps']} "
+            f"--config.data.fresh_per_batch={p['fresh_per_batch']}",
+        ]
+    lines += [
         "```",
         "",
     ]

@@ -146,3 +146,30 @@ def target_record(config) -> dict | None:
         record["probe"] = {k: probe[k] for k in keys if k in probe}
         record["probe"]["file"] = display_path(os.fspath(config.data.target_probe))
     return record
+
+
+PHASES = "phases.json"
+
+
+def record_phase(config, workdir: str, start: int, end: int) -> list[dict]:
+    """Appends this invocation's steps and loss settings to ``<workdir>/phases.json``; returns all phases.
+
+    A run resumed with other settings (e.g. the weight term alone, then the denoising term on
+    fresh identities) is one bundle trained in phases; its card lists them.
+    """
+    path = Path(workdir) / PHASES
+    phases = json.loads(path.read_text()) if path.is_file() else []
+    if end > start or not phases:
+        phases = [p for p in phases if p["to_step"] <= start] + [
+            {
+                "from_step": int(start),
+                "to_step": int(end),
+                "alpha": float(config.loss.alpha),
+                "beta": float(config.loss.beta),
+                "regress_only_steps": int(config.loss.regress_only_steps),
+                "fresh_per_batch": int(config.data.fresh_per_batch),
+                "schedule_steps": int(config.steps),
+            }
+        ]
+        path.write_text(json.dumps(phases, indent=1))
+    return phases

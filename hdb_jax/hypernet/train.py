@@ -313,6 +313,9 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
     }
     if check is not None:
         extra["heldout_check"] = check["record"]
+    phases = hevaluate.record_phase(config, workdir, start, result.step) if jax.process_index() == 0 else []
+    if len(phases) > 1:  # a run resumed with other loss settings: the card lists each phase
+        extra["phases"] = phases
     if jax.process_index() == 0:
         if out["heldout"]:
             print("held-out: " + json.dumps(out["heldout"]))
