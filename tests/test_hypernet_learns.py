@@ -83,6 +83,7 @@ def test_hypernetwork_fits_a_linear_function_of_identity(tmp_path):
     config.data.preopt_dir = str(preopt_dir)
     config.data.heldout, config.validate_every = (), 0
     config.loss.alpha, config.loss.beta, config.loss.regress_only_steps = 0.0, 1.0, 0
+    config.data.fresh_per_batch = 0  # every row has a target (fresh rows train the denoising term only)
     config.steps, config.log_every, config.checkpoint_every = 300, 100, 1000
     out = ht.train(config, sd, params)
 
