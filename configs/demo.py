@@ -80,7 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.prior_prompt = "a face"  # sampled from each personal model: is the prior kept?
     c.eval.prior_seeds = 4  # >= k + 1 samples (k-NN realism, k = 3)
     c.eval.real_renders = 64 if reduced else 512  # the real manifold of the prior-realism metric
-    c.eval.sample_steps = 2 if reduced else 20
+    # 10 sampler steps score as 20 do (8 held-out identities: base 0.085 vs 0.080 identity, hypernet
+    # 0.255 vs 0.252, prompt fidelity 0.67 / 0.50 vs 0.67 / 0.52) in 60% of the time.
+    c.eval.sample_steps = 2 if reduced else 10
     c.eval.guidance_scale = 3.0
     c.eval.k_short = 10  # the @10 rows' finetune steps
     # The slow baselines run on the first N identities.

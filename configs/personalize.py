@@ -6,14 +6,14 @@ Run:
   python -m hdb_jax.personalize --config configs/personalize.py:svd --image face.png --out runs/me_svd \\
       --config.model.source=/models/stable-diffusion-v1-5 --config.hypernet=/ckpt/hypernet
 Knobs after ':': ``svd`` (the SVD-merge variant; default ``fresh``, the paper's).
-The defaults (``hdb_jax.personalize.default_config``) are the toy model and hypernetwork shipped in
+The defaults (``hdb_jax.personalizer.default_config``) are the toy model and hypernetwork shipped in
 hdb_jax/toy/weights/.
 """
 
 import ml_collections
 
 from hdb_jax import config_lib
-from hdb_jax.personalize import default_config
+from hdb_jax.personalizer import default_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ A rerun computes only the points whose result file is missing.
 import ml_collections
 
 from hdb_jax import config_lib
-from hdb_jax.personalize import default_config
+from hdb_jax.personalizer import default_config
 
 SWEEPS = ("relax", "iterations", "ood", "identities")
 

@@ -35,7 +35,7 @@ from hdb_jax.data import synthetic
 from hdb_jax.eval import report as report_lib
 from hdb_jax.eval import toy
 from hdb_jax.hypernet import train as hypernet_train
-from hdb_jax.personalize import Personalizer, enable_compile_cache
+from hdb_jax.personalizer import Personalizer, enable_compile_cache
 
 ROWS = demo_methods.ROWS
 
@@ -45,7 +45,7 @@ def _reference(identity: int, resolution: int, seed: int) -> np.ndarray:
 
 
 def _score(
-    evaluator: toy.ToyEvaluator, e, drawn: np.ndarray, reference: np.ndarray, real: np.ndarray
+    evaluator: toy.ToyEvaluator, e, drawn: np.ndarray, reference: np.ndarray, real: toy.RealManifold
 ) -> dict:
     """Per-sample metrics of one personal model: ``[P, S]`` arrays and the prior's ``[S']``."""
     p, s = len(e.prompts), e.seeds
@@ -95,7 +95,8 @@ def _cached(path: Path) -> dict | None:
 def evaluate(config, sd, params, p: Personalizer, evaluator, workdir: Path) -> dict[str, dict[int, dict]]:
     """Scores of every row and identity (computed, or read from ``workdir/scores``)."""
     e, res = config.eval, sd.default_resolution
-    draw, real = _sampler(config, sd), toy.real_renders(e.real_renders, resolution=res)
+    draw = _sampler(config, sd)
+    real = evaluator.real_manifold(toy.real_renders(e.real_renders, resolution=res))  # once per run
     refs = {int(i): _reference(int(i), res, config.data_seed) for i in e.identities}
     slow_ids = [int(i) for i in e.identities][: e.baseline_identities]
     scores: dict[str, dict[int, dict]] = {}

@@ -38,7 +38,7 @@ from hdb_jax import adapters as A
 from hdb_jax import personal, preopt, sample, subject
 from hdb_jax.data import identities as identities_lib
 from hdb_jax.data import weights as weights_lib
-from hdb_jax.personalize import Personalizer, zero_prediction
+from hdb_jax.personalizer import Personalizer, zero_prediction
 from hdb_jax.sd.fingerprint import params_fingerprint
 
 FAST_ROWS = (

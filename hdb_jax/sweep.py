@@ -35,7 +35,7 @@ from hdb_jax import adapters as A
 from hdb_jax import build, sample
 from hdb_jax.data import synthetic
 from hdb_jax.eval import stats, toy
-from hdb_jax.personalize import Personalizer
+from hdb_jax.personalizer import Personalizer
 
 METRICS = ("identity", "prompt_fidelity")
 

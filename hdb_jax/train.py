@@ -38,7 +38,8 @@ def run(config: ml_collections.ConfigDict):
 
 
 def main(argv=None) -> None:
-    from absl import app, flags, logging
+    """The command line: user errors (a typo in a flag, a bad file) are one ``error:`` line, exit code 2."""
+    from absl import flags, logging
     from ml_collections import config_flags
 
     config_flag = config_flags.DEFINE_config_file(
@@ -50,7 +51,9 @@ def main(argv=None) -> None:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
         run(config_flag.value)
 
-    app.run(_main, argv=argv)
+    from hdb_jax import cli
+
+    cli.run(_main, argv, configs=[config_flag])
 
 
 if __name__ == "__main__":

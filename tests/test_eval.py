@@ -60,6 +60,14 @@ def test_precision_recall_on_known_distributions():
     assert collapsed["precision"] == 1.0 and collapsed["recall"] < 0.02
     # Hand-made: radii of 1-D points 0, 1, 3 with k=1 are 1, 1, 2.
     np.testing.assert_allclose(prdc.knn_radii(np.array([[0.0], [1.0], [3.0]]), 1), [1.0, 1.0, 2.0])
+    # Given radii: points 0, 1, 3 with radii 1, 1, 2 cover 2.5 (|2.5-3| <= 2) but not 6 or -1.5.
+    line = np.array([[0.0], [1.0], [3.0]])
+    given = prdc.precision_recall(
+        line, np.array([[2.5], [6.0], [-1.5]]), k=1, real_radii=np.array([1.0, 1.0, 2.0])
+    )
+    assert given["precision"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="real_radii has shape"):
+        prdc.precision_recall(line, line, k=1, real_radii=np.ones(2))
 
 
 def test_identity_subject_and_prompt_fidelity_hand_made_cases(evaluator):
@@ -97,6 +105,13 @@ def test_flat_colours_are_not_faces_and_renders_are(evaluator):
     assert (
         evaluator.realism(flat, toy.real_renders(128, start=6_800_000))["precision"] <= 0.25
     )  # measured 0.125
+    # The real manifold computed once (as the main job does) scores exactly as the renders do.
+    real = toy.real_renders(128, start=6_800_000)
+    manifold = evaluator.real_manifold(real)
+    for samples in (renders, flat):
+        once, each = evaluator.realism(samples, manifold), evaluator.realism(samples, real)
+        assert once["precision"] == each["precision"] and once["recall"] == each["recall"]
+        np.testing.assert_array_equal(once["in_real_manifold"], each["in_real_manifold"])
 
 
 def test_heldout_loss_refuses_uint8_and_the_toy_recipe_normalises(tiny_sd, tiny_params):

@@ -133,6 +133,15 @@ def test_cli_writes_both_files_and_reuses_the_compile_cache(toy, bundle_dir, fac
         proc = _cli(face_png, tmp_path / run, bundle_dir, tmp_path / "cache")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "compile" in proc.stdout and "finetune" in proc.stdout  # the timing table
+        # It talks: a line per phase as it starts, and where it wrote.
+        phases = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+        assert [ln.split("] ")[1].split()[0] for ln in phases] == [
+            "loading",
+            "compiling",
+            "predicting",
+            "wrote",
+        ]
+        assert os.path.abspath(tmp_path / run) in phases[-1]
         reports.append(json.loads((tmp_path / run / "timings.json").read_text()))
     first, second = reports
     assert set(first["timings_s"]) == set(personalize.STAGES)

@@ -68,21 +68,27 @@ def test_prior_preservation_batch_weights():
     assert not np.array_equal(batch["images"], data.batch(seed=0, step=5, batch_size=4)["images"])
 
 
-def test_unknown_config_key_is_named():
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--config", "configs/subject.py:tiny", "--config.optim.lerning_rate=1"], "lerning_rate"),
+        (["--config", "configs/subject.py:tinny"], "tinny"),
+        (["--config", "configs/no_such_experiment.py"], "no_such_experiment.py"),
+    ],
+)
+def test_unknown_config_key_is_named(args, named):
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hdb_jax.train",
-            "--config",
-            "configs/subject.py:tiny",
-            "--config.optim.lerning_rate=1",
-        ],
+        [sys.executable, "-m", "hdb_jax.train", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "HDB_DEBUG"},
     )
-    assert proc.returncode != 0 and "lerning_rate" in proc.stderr
+    # One ``error:`` line naming the key, knob or file, exit code 2, no traceback (hdb_jax.cli).
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and named in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_unknown_knob_and_kind_are_refused():

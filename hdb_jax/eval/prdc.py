@@ -31,14 +31,22 @@ def coverage_of(points: np.ndarray, manifold: np.ndarray, radii: np.ndarray) -> 
     return np.any(_distances(points, manifold) <= radii[None, :], axis=1)
 
 
-def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = 3) -> dict[str, float]:
+def precision_recall(
+    real: np.ndarray, generated: np.ndarray, k: int = 3, real_radii: np.ndarray | None = None
+) -> dict[str, float]:
     """k-NN precision and recall of ``generated`` against ``real`` features ``[N, D]``.
+
+    ``real_radii`` (``knn_radii(real, k)``, when the same real set scores many generated sets)
+    skips recomputing the real manifold.
 
     Returns:
       ``{"precision", "recall", "k", "real", "generated"}``.
     """
     real, generated = np.asarray(real, np.float64), np.asarray(generated, np.float64)
-    precision = coverage_of(generated, real, knn_radii(real, k)).mean()
+    radii = knn_radii(real, k) if real_radii is None else np.asarray(real_radii)
+    if radii.shape != (len(real),):
+        raise ValueError(f"real_radii has shape {radii.shape}; the real set has {len(real)} points")
+    precision = coverage_of(generated, real, radii).mean()
     recall = coverage_of(real, generated, knn_radii(generated, k)).mean()
     return {
         "precision": float(precision),

@@ -52,6 +52,15 @@ def asked(prompt: str) -> dict[str, int]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class RealManifold:
+    """Features ``[N, D]`` of real renders and each one's distance to its k-th nearest neighbour."""
+
+    features: np.ndarray
+    radii: np.ndarray
+    k: int
+
+
 @dataclasses.dataclass
 class ToyEvaluator:
     """The toy world's scorers, loaded once.
@@ -117,15 +126,24 @@ class ToyEvaluator:
         return self.attributes.predict(samples)["face"] > 0.5
 
     # ---------------------------------------------------------------- realism
-    def realism(self, samples: np.ndarray, real: np.ndarray, k: int = 3) -> dict:
+    def real_manifold(self, real: np.ndarray, k: int = 3) -> "RealManifold":
+        """The real renders' features and k-NN radii, computed once for many :meth:`realism` calls."""
+        features = np.asarray(self.attributes.features(real), np.float64)
+        return RealManifold(features, prdc.knn_radii(features, k), k)
+
+    def realism(self, samples: np.ndarray, real: "np.ndarray | RealManifold", k: int = 3) -> dict:
         """k-NN precision / recall of samples against real renders, and the non-face fraction.
+
+        Args:
+          real: uint8 renders, or their :meth:`real_manifold` (then its ``k`` is used).
 
         Returns:
           ``{"precision", "recall", "non_face_fraction", "in_real_manifold": [N] bool, ...}``.
         """
-        gen, ref = self.attributes.features(samples), self.attributes.features(real)
-        out = prdc.precision_recall(ref, gen, k)
-        out["in_real_manifold"] = prdc.coverage_of(gen, ref, prdc.knn_radii(ref, k))
+        manifold = real if isinstance(real, RealManifold) else self.real_manifold(real, k)
+        gen, ref = self.attributes.features(samples), manifold.features
+        out = prdc.precision_recall(ref, gen, manifold.k, real_radii=manifold.radii)
+        out["in_real_manifold"] = prdc.coverage_of(gen, ref, manifold.radii)
         out["non_face_fraction"] = float(1.0 - np.mean(self.face(samples)))
         return out
 
