@@ -12,8 +12,6 @@ held-out identities and LoRA-DreamBooth on 2 (<= 10 minutes on 2 CPU cores). A r
 scores already in ``workdir/scores``.
 """
 
-import os
-
 import ml_collections
 
 from hdb_jax import config_lib
@@ -41,8 +39,6 @@ PROMPTS = (
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     k = config_lib.knobs(arg, reduced=False, retrain=False, full=False)
     reduced, full = k.reduced, k.full
-    from hdb_jax.toy import hypernet_dir
-
     c = ml_collections.ConfigDict()
     c.job = "demo"
     c.seed = 0
@@ -65,7 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.personalize = config_lib.load("personalize.py", relative_to=__file__)
     c.personalize.model = c.model
-    c.personalize.hypernet = workdir + "/hypernet/hypernet" if c.retrain else os.fspath(hypernet_dir())
+    # "" (default): decided when the job runs, by c.retrain: the bundle stage 2 writes in
+    # c.hypernet.workdir, or the shipped toy hypernetwork. A path: that bundle, whatever retrain says.
+    c.personalize.hypernet = ""
     c.personalize.compile_cache = workdir + "/jax_cache"
     if reduced:
         c.personalize.relax.steps = 2
@@ -92,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # The oracle: stage 1 run on the reference itself (one view), in the bundle's LiDB basis.
     c.oracle = config_lib.load("preopt.py", "toy", relative_to=__file__)
-    c.oracle.bundle_dir = c.personalize.get_ref("hypernet")
+    c.oracle.bundle_dir = ""  # the bundle the hypernetwork rows use (its LiDB basis)
     c.oracle.chunk_size = 4 if reduced else len(c.eval.identities)  # every evaluation identity: one chunk
     if reduced:
         c.oracle.steps = 2

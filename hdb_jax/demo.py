@@ -30,10 +30,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from hdb_jax import build, demo_methods, images, sample
+from hdb_jax import build, demo_methods, images
 from hdb_jax.data import synthetic
+from hdb_jax.eval import protocol as eval_protocol
 from hdb_jax.eval import report as report_lib
 from hdb_jax.eval import toy
+from hdb_jax.hypernet import bundle as hypernet_bundle
 from hdb_jax.hypernet import train as hypernet_train
 from hdb_jax.personalizer import Personalizer, enable_compile_cache
 
@@ -42,47 +44,6 @@ ROWS = demo_methods.ROWS
 
 def _reference(identity: int, resolution: int, seed: int) -> np.ndarray:
     return synthetic.render_batch([identity], [0], ["photo"], seed, resolution)[0]
-
-
-def _score(
-    evaluator: toy.ToyEvaluator, e, drawn: np.ndarray, reference: np.ndarray, real: toy.RealManifold
-) -> dict:
-    """Per-sample metrics of one personal model: ``[P, S]`` arrays and the prior's ``[S']``."""
-    p, s = len(e.prompts), e.seeds
-    main, prior = drawn[: p * s], drawn[p * s :]
-    prompts = [q for q in e.prompts for _ in range(s)]
-    fidelity = evaluator.subject_fidelity(main, reference, prompts)
-    realism = evaluator.realism(prior, real)
-    return {
-        "identity": evaluator.identity_scores(main, reference).reshape(p, s),
-        "subject_fidelity": fidelity.reshape(p, s),
-        "prompt_fidelity": evaluator.prompt_fidelity(main, prompts).reshape(p, s),
-        "prior_realism": realism["in_real_manifold"].astype(np.float64),
-        "face": evaluator.face(prior),
-    }
-
-
-def _sampler(config, sd):
-    e = config.eval
-    prompts = [q.replace("sks", e.token) for q in e.prompts for _ in range(e.seeds)] + [
-        e.prior_prompt
-    ] * e.prior_seeds
-    seeds = [k for _ in e.prompts for k in range(e.seeds)] + list(range(100, 100 + e.prior_seeds))
-
-    def draw(params, lag=None) -> np.ndarray:
-        return sample.sample(
-            sd,
-            params,
-            prompts,
-            seeds,
-            num_steps=e.sample_steps,
-            guidance_scale=e.guidance_scale,
-            batch_size=len(prompts),
-            progress=False,
-            lag=lag,
-        )
-
-    return draw
 
 
 def _cached(path: Path) -> dict | None:
@@ -95,7 +56,7 @@ def _cached(path: Path) -> dict | None:
 def evaluate(config, sd, params, p: Personalizer, evaluator, workdir: Path) -> dict[str, dict[int, dict]]:
     """Scores of every row and identity (computed, or read from ``workdir/scores``)."""
     e, res = config.eval, sd.default_resolution
-    draw = _sampler(config, sd)
+    protocol = eval_protocol.Protocol.from_config(e)
     real = evaluator.real_manifold(toy.real_renders(e.real_renders, resolution=res))  # once per run
     refs = {int(i): _reference(int(i), res, config.data_seed) for i in e.identities}
     slow_ids = [int(i) for i in e.identities][: e.baseline_identities]
@@ -106,7 +67,13 @@ def evaluate(config, sd, params, p: Personalizer, evaluator, workdir: Path) -> d
         made = {}
         if row == "oracle" and todo:
             made = demo_methods.oracle(
-                config.oracle, sd, params, {i: refs[i] for i in todo}, os.fspath(workdir), p.bundle
+                config.oracle,
+                sd,
+                params,
+                {i: refs[i] for i in todo},
+                os.fspath(workdir),
+                p.bundle,
+                fingerprint=p.fingerprint,
             )
         for n, i in enumerate(todo):
             print(f"{row}: identity {i} ({n + 1}/{len(todo)})", flush=True)
@@ -114,14 +81,20 @@ def evaluate(config, sd, params, p: Personalizer, evaluator, workdir: Path) -> d
             if row in demo_methods.SLOW_ROWS:
                 section = demo_methods.TRAINED_AS.get(row, row)
                 made[i] = demo_methods.slow(
-                    row, config.baselines[section], sd, params, i, os.fspath(workdir / "baselines")
+                    row,
+                    config.baselines[section],
+                    sd,
+                    params,
+                    i,
+                    os.fspath(workdir / "baselines"),
+                    fingerprint=p.fingerprint,
                 )
             elif row != "oracle":
                 made[i] = demo_methods.fast(
                     row, p, refs[i], jax.random.PRNGKey(config.seed + i), out_dir, e.k_short, identity=i
                 )
-            drawn = draw(made[i].params, made[i].lag)
-            result = _score(evaluator, e, drawn, refs[i], real)
+            drawn = protocol.draw(sd, made[i].params, made[i].lag)
+            result = protocol.score(evaluator, drawn, refs[i], real)
             result.update(steps=made[i].steps, seconds=made[i].seconds, bytes=made[i].bytes, samples=drawn)
             (workdir / "scores" / row).mkdir(parents=True, exist_ok=True)
             np.savez(workdir / "scores" / row / f"{i}.npz", **result)
@@ -135,8 +108,9 @@ def grid(config, scores: Mapping[str, Mapping[int, dict]], resolution: int) -> n
     rows = [r for r in e.rows if r in scores]
     cells = []
     for i in [int(x) for x in e.identities][: e.grid_identities]:
+        reference = _reference(i, resolution, config.data_seed)  # rendered once per identity
         for q in range(len(e.prompts)):
-            cells.append(_reference(i, resolution, config.data_seed))
+            cells.append(reference)
             for row in rows:
                 drawn = scores[row].get(i, {}).get("samples")
                 cells.append(
@@ -147,9 +121,24 @@ def grid(config, scores: Mapping[str, Mapping[int, dict]], resolution: int) -> n
     return np.stack(cells)  # [identities x prompts x (1 + rows), H, W, 3], row-major
 
 
+def bundle_path(config: ml_collections.ConfigDict) -> str:
+    """The hypernetwork bundle the job evaluates: ``config.personalize.hypernet`` when set, else the
+    one stage 2 writes (``config.retrain``) or the shipped toy hypernetwork."""
+    if config.personalize.hypernet:
+        return os.fspath(config.personalize.hypernet)
+    if config.retrain:
+        return os.fspath(hypernet_bundle.bundle_dir(config.hypernet.workdir))
+    from hdb_jax.toy import hypernet_dir
+
+    return os.fspath(hypernet_dir())
+
+
 def run(config: ml_collections.ConfigDict) -> dict:
     """The demo job (``config.job = "demo"``)."""
     t0 = time.perf_counter()
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.personalize.hypernet = config.oracle.bundle_dir = bundle_path(config)
     enable_compile_cache(config.personalize.compile_cache)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +149,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
         t = time.perf_counter()
         preopt.train(config.preopt, sd, params)
-        if not (Path(config.hypernet.workdir) / "hypernet" / "hypernet.safetensors").is_file():
+        if not hypernet_bundle.is_bundle(hypernet_bundle.bundle_dir(config.hypernet.workdir)):
             hypernet_train.train(config.hypernet, sd, params)
         times["retrain"] = time.perf_counter() - t
     evaluator = toy.ToyEvaluator.load()
@@ -221,9 +210,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
 
 def _bundle_extra(path) -> dict[str, Any]:
-    from hdb_jax.hypernet import bundle
-
     try:
-        return bundle.read_meta(path).get("extra", {})
-    except bundle.BundleError:
+        return hypernet_bundle.read_meta(path).get("extra", {})
+    except hypernet_bundle.BundleError:
         return {}

@@ -38,6 +38,7 @@ from hdb_jax import adapters as A
 from hdb_jax import personal, preopt, sample, subject
 from hdb_jax.data import identities as identities_lib
 from hdb_jax.data import weights as weights_lib
+from hdb_jax.hypernet import bundle as hypernet_bundle
 from hdb_jax.personalizer import Personalizer, zero_prediction
 from hdb_jax.sd.fingerprint import params_fingerprint
 
@@ -132,19 +133,28 @@ def fast(
 
 
 def oracle(
-    config: ml_collections.ConfigDict, sd, params, references: Mapping[int, np.ndarray], workdir: str, bundle
+    config: ml_collections.ConfigDict,
+    sd,
+    params,
+    references: Mapping[int, np.ndarray],
+    workdir: str,
+    bundle,
+    fingerprint: str | None = None,
 ) -> dict[int, Personal]:
-    """Stage 1 on each reference itself (one view), all identities in chunks; LiDB in the bundle's basis."""
+    """Stage 1 on each reference itself (one view), all identities in chunks; LiDB in the bundle's basis.
+
+    ``fingerprint``: ``params_fingerprint(params)`` when the caller has it (else computed once here).
+    """
     cfg = config.copy_and_resolve_references()
     cfg.workdir = os.path.join(workdir, "oracle")
-    cfg.adapter.basis_file = os.path.join(os.fspath(config.bundle_dir), "lidb_basis.safetensors")
+    cfg.adapter.basis_file = os.path.join(os.fspath(config.bundle_dir), hypernet_bundle.BASIS)
     t = time.perf_counter()
     preopt.train(
         cfg, sd, params, source=identities_lib.ArrayIdentities({i: r[None] for i, r in references.items()})
     )
     seconds = (time.perf_counter() - t) / max(len(references), 1)
     rows, trees = weights_lib.load(cfg.workdir, bundle.adapters, bundle.basis_hash)
-    out = {}
+    out, fingerprint = {}, fingerprint or params_fingerprint(params)
     for k, row in enumerate(rows):
         tree = jax.tree_util.tree_map(lambda x: x[k], trees)
         path = os.path.join(workdir, "oracle", f"{row['identity']}.safetensors")
@@ -152,7 +162,7 @@ def oracle(
             path,
             bundle.adapters,
             tree,
-            base_fingerprint=params_fingerprint(params),
+            base_fingerprint=fingerprint,
             basis_hash=bundle.basis_hash,
         )
         merged = A.merge_all(params, bundle.adapters, tree, bundle.basis)
@@ -160,8 +170,18 @@ def oracle(
     return out
 
 
-def slow(row: str, config: ml_collections.ConfigDict, sd, params, identity: int, workdir: str) -> Personal:
+def slow(
+    row: str,
+    config: ml_collections.ConfigDict,
+    sd,
+    params,
+    identity: int,
+    workdir: str,
+    fingerprint: str | None = None,
+) -> Personal:
     """A subject-job baseline for one synthetic identity (its reference render only).
+
+    ``fingerprint``: ``params_fingerprint(params)`` when the caller has it.
 
     A row of :data:`TRAINED_AS` reuses the other row's run directory (the subject job resumes at
     its last step, so nothing is trained twice) and reports that run's training time.
@@ -185,7 +205,9 @@ def slow(row: str, config: ml_collections.ConfigDict, sd, params, identity: int,
     adapters = getattr(result["tuning"], "adapters", None)
     if name in ("lora_dreambooth", "residuals"):
         path = os.path.join(cfg.workdir, "personal.safetensors")
-        personal.save_personal(path, adapters, trainable, base_fingerprint=params_fingerprint(params))
+        personal.save_personal(
+            path, adapters, trainable, base_fingerprint=fingerprint or params_fingerprint(params)
+        )
         size = _file_bytes(path)
     elif row == "textual_inversion":
         size = int(np.asarray(trainable["embedding"], np.float32).nbytes)

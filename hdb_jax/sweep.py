@@ -32,9 +32,11 @@ import ml_collections
 import numpy as np
 
 from hdb_jax import adapters as A
-from hdb_jax import build, sample
+from hdb_jax import build
 from hdb_jax.data import synthetic
+from hdb_jax.eval import protocol as eval_protocol
 from hdb_jax.eval import stats, toy
+from hdb_jax.hypernet import bundle as bundle_lib
 from hdb_jax.personalizer import Personalizer
 
 METRICS = ("identity", "prompt_fidelity")
@@ -59,8 +61,7 @@ def score_point(
 ) -> dict:
     """Personalises every evaluation identity with ``make(identity, reference) -> params`` and scores it."""
     e = config.eval
-    prompts = [q for q in e.prompts for _ in range(e.seeds)]
-    seeds = [k for _ in e.prompts for k in range(e.seeds)]
+    protocol = eval_protocol.Protocol.from_config(e)  # the main job's protocol, without prior samples
     per_id: dict[int, dict[str, np.ndarray]] = {}
     seconds = []
     for identity in e.identities:
@@ -68,21 +69,8 @@ def score_point(
         t = time.perf_counter()
         personal = make(int(identity), ident_ref)
         seconds.append(time.perf_counter() - t)
-        drawn = sample.sample(
-            sd,
-            personal,
-            prompts,
-            seeds,
-            num_steps=e.sample_steps,
-            guidance_scale=e.guidance_scale,
-            batch_size=len(prompts),
-            progress=False,
-        )
-        shape = (len(e.prompts), e.seeds)
-        per_id[int(identity)] = {
-            "identity": evaluator.identity_scores(drawn, ident_ref).reshape(shape),
-            "prompt_fidelity": evaluator.prompt_fidelity(drawn, prompts).reshape(shape),
-        }
+        scores = protocol.score(evaluator, protocol.draw(sd, personal), ident_ref)
+        per_id[int(identity)] = {m: scores[m] for m in METRICS}
     out = {
         m: stats.bootstrap(np.stack([v[m] for v in per_id.values()]), replicates=e.replicates)
         for m in METRICS
@@ -143,8 +131,8 @@ def _maker(config, point: dict, p: Personalizer, workdir: Path) -> Callable[[int
     hyper = config.hypernet.copy_and_resolve_references()
     hyper.workdir = os.fspath(workdir / f"hypernet_{point['x']}")
     hyper.data.max_identities = int(point["x"])
-    bundle_dir = Path(hyper.workdir) / "hypernet"
-    if not (bundle_dir / "hypernet.safetensors").is_file():
+    bundle_dir = bundle_lib.bundle_dir(hyper.workdir)
+    if not bundle_lib.is_bundle(bundle_dir):
         hypernet_train.train(hyper, p.sd, p.params)
     cfg = config.personalize.copy_and_resolve_references()
     cfg.hypernet = os.fspath(bundle_dir)

@@ -72,3 +72,17 @@ def test_reduced_demo_writes_every_row_and_column(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r": identity \d+ \(", proc.stdout) is None, proc.stdout[-2000:]
     assert json.loads((workdir / "report.json").read_text())["rows"] == report["rows"]
+
+
+def test_the_evaluated_bundle_follows_retrain_at_run_time():
+    from conftest import load_config
+
+    from hdb_jax.toy import hypernet_dir
+
+    config = load_config("demo")
+    assert demo.bundle_path(config) == os.fspath(hypernet_dir())  # the shipped hypernetwork
+    config.retrain = True  # what --config.retrain=True does: the bundle stage 2 writes is evaluated
+    config.workdir = "/tmp/elsewhere"
+    assert demo.bundle_path(config) == "/tmp/elsewhere/hypernet/hypernet"
+    config.personalize.hypernet = "/ckpt/mine"  # an explicit bundle wins
+    assert demo.bundle_path(config) == "/ckpt/mine"

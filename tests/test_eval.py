@@ -180,3 +180,37 @@ def test_fraction_of_a_reference_row_on_shared_identities():
     assert got["fast"] == pytest.approx(0.45) and got["slow"] == pytest.approx(0.5)
     assert got["fraction"] == pytest.approx(0.9) and got["fewer_steps"] == pytest.approx(7.5)
     assert report.fraction_of(scores, "fast", "missing") == {"available": False}
+
+
+def test_protocol_orders_samples_and_scores_them_by_prompt_and_seed(evaluator):
+    import ml_collections
+
+    from hdb_jax.eval import protocol
+
+    e = ml_collections.ConfigDict(
+        dict(prompts=["a sks face", "a cartoon of a sks face"], seeds=2, sample_steps=3, guidance_scale=2.0)
+    )
+    e.identities, e.prior_seeds = (1, 2), 4  # other fields of an eval section are ignored
+    p = protocol.Protocol.from_config(e)
+    assert p.subject_prompts == ["a sks face"] * 2 + ["a cartoon of a sks face"] * 2
+    assert (p.token, p.prior_prompt, p.prior_seeds) == ("sks", "a face", 4)
+    # Hand-made samples: the reference itself twice, then two cartoons of another identity; the prior
+    # samples are renders of further identities (all faces, inside the real manifold).
+    reference = _renders([5_200_000])[0]
+    drawn = np.concatenate(
+        [
+            np.stack([reference, reference]),
+            _renders([5_200_001, 5_200_001], style="cartoon"),
+            _renders([6_900_000, 6_900_001, 6_900_002, 6_900_003]),
+        ]
+    )
+    scores = p.score(
+        evaluator, drawn, reference, evaluator.real_manifold(toy.real_renders(128, start=6_800_000))
+    )
+    assert scores["identity"].shape == scores["prompt_fidelity"].shape == (2, 2)
+    np.testing.assert_allclose(scores["identity"][0], 1.0, atol=1e-5)  # the reference against itself
+    assert (scores["identity"][1] < 0.9).all()  # another identity
+    assert np.isnan(scores["prompt_fidelity"][0]).all() and (scores["prompt_fidelity"][1] == 1.0).all()
+    assert scores["prior_realism"].shape == scores["face"].shape == (4,) and scores["face"].all()
+    with pytest.raises(ValueError, match="drawn has 7 samples; the protocol draws 8"):
+        p.score(evaluator, drawn[:7], reference)

@@ -38,6 +38,16 @@ WEIGHTS, BASIS = "hypernet.safetensors", "lidb_basis.safetensors"
 ARCH_FIELDS = ("encoder", "iterations", "mode", "num_blocks", "num_heads", "width", "train_encoder", "offset")
 
 
+def bundle_dir(workdir: str | os.PathLike) -> Path:
+    """Where hypernetwork training (``configs/hypernet.py``) writes its bundle: ``<workdir>/hypernet``."""
+    return Path(workdir) / "hypernet"
+
+
+def is_bundle(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a bundle's weights file (a finished stage 2)."""
+    return (Path(directory) / WEIGHTS).is_file()
+
+
 class BundleError(ValueError):
     """A hypernetwork bundle is missing, corrupt, or made for another base model or layout."""
 

@@ -323,7 +323,7 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> d
                 json.dump({**out["heldout"], "r2_train": out.get("r2_train")}, f, indent=1)
         out["bundle"] = os.fspath(
             bundle.save(
-                os.path.join(workdir, "hypernet"),
+                bundle.bundle_dir(workdir),
                 s.net,
                 hyper_params,
                 patterns={"unet": config.adapter.unet_patterns, "text_encoder": config.adapter.text_patterns},
