@@ -2,7 +2,8 @@
 
 diffusers 0.39.0 and transformers 4.57.6 are the last releases that still ship the Flax
 Stable Diffusion and CLIP/ViT classes. Every other module of hdb_jax reaches those classes
-through this file, so that swapping them for our own implementations later stays local.
+through this file, so that swapping them for our own implementations later stays local. The
+PyTorch classes (torch is optional) are imported only when :func:`pytorch_classes` is called.
 
 Importing this module also silences *only* the deprecation notices those two libraries log for
 their Flax classes (matched by message, on their own loggers); every other warning still shows.
@@ -10,8 +11,10 @@ their Flax classes (matched by message, on their own loggers); every other warni
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import types
 
 # transformers imports TensorFlow (seconds, and its own thread pools) whenever it is installed,
 # e.g. with the optional TFDS extra; hdb_jax never uses transformers' TF classes.
@@ -92,6 +95,42 @@ diffusers_rename_key = _diffusers_pt_utils.rename_key
 diffusers_rename_and_reshape = _diffusers_pt_utils.rename_key_and_reshape_tensor
 transformers_rename_and_reshape = _transformers_pt_utils.rename_key_and_reshape_tensor
 
+
+def pytorch_classes() -> types.SimpleNamespace:
+    """The PyTorch side of the two libraries, imported on the first call rather than with this module.
+
+    torch is optional for hdb_jax (only the PyTorch export of a base model and the reference tests
+    need it), so none of this is imported at start-up. The libraries' Flax -> PyTorch converters
+    rename Flax keys to PyTorch module paths and transpose kernels; they only *log* weights they
+    could not place, so callers must check the result themselves.
+
+    Returns:
+      A namespace with ``torch``, ``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel``,
+      ``diffusers_flax_to_pytorch`` and ``transformers_flax_to_pytorch`` (each
+      ``(pt_model, flax_tree) -> pt_model``).
+
+    Raises:
+      ModuleNotFoundError: torch is not installed (diffusers would hand out placeholder classes
+        that fail later, at first use).
+    """
+    if importlib.util.find_spec("torch") is None:
+        raise ModuleNotFoundError("torch is not installed", name="torch")
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models import modeling_pytorch_flax_utils as diffusers_to_pt
+    from transformers import CLIPTextModel
+
+    _install_filter()  # loggers the PyTorch modules created
+    return types.SimpleNamespace(
+        torch=torch,
+        UNet2DConditionModel=UNet2DConditionModel,
+        AutoencoderKL=AutoencoderKL,
+        CLIPTextModel=CLIPTextModel,
+        diffusers_flax_to_pytorch=diffusers_to_pt.load_flax_weights_in_pytorch_model,
+        transformers_flax_to_pytorch=_transformers_pt_utils.load_flax_weights_in_pytorch_model,
+    )
+
+
 __all__ = [
     "DIFFUSERS_VERSION",
     "bytes_to_unicode",
@@ -115,5 +154,6 @@ __all__ = [
     "ViTConfig",
     "diffusers_rename_and_reshape",
     "diffusers_rename_key",
+    "pytorch_classes",
     "transformers_rename_and_reshape",
 ]
