@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if reduced:
         c.preopt.data.identities, c.preopt.steps, c.preopt.chunk_size = tuple(range(10_000, 10_004)), 3, 4
         c.hypernet.steps, c.hypernet.batch_size, c.hypernet.data.heldout = 3, 4, (3_100_000,)
+        c.hypernet.data.fresh_per_batch = 2  # half of every batch, as in the toy recipe
 
     c.personalize = config_lib.load("personalize.py", relative_to=__file__)
     c.personalize.model = c.model
