@@ -13,6 +13,7 @@ traceback of user errors too.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import sys
 from typing import Callable, Sequence
@@ -76,13 +77,6 @@ def _message(err: BaseException) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _parser(configs: Sequence[object]) -> Callable[[list[str]], list[str]]:
-    def parse(argv: list[str]) -> list[str]:
-        return _parse_flags(argv, configs)
-
-    return parse
-
-
 def _parse_flags(argv: list[str], configs: Sequence[object] = ()) -> list[str]:
     from absl import flags
 
@@ -123,4 +117,8 @@ def run(
                 raise
             fail(err)
 
-    app.run(guarded, argv=None if argv is None else list(argv), flags_parser=_parser(configs))
+    app.run(
+        guarded,
+        argv=None if argv is None else list(argv),
+        flags_parser=functools.partial(_parse_flags, configs=configs),
+    )

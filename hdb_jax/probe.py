@@ -34,9 +34,10 @@ import ml_collections
 import numpy as np
 
 from hdb_jax import adapters as A
-from hdb_jax import build, preopt, sample
+from hdb_jax import build, preopt
 from hdb_jax.data import identities as identities_lib
 from hdb_jax.data import weights as weights_lib
+from hdb_jax.eval import protocol as eval_protocol
 from hdb_jax.eval import stats, toy
 
 
@@ -127,24 +128,14 @@ def run_seeds(config, sd, params) -> list[dict]:
 def oracle_scores(config, sd, params, adapters, basis, trees_per_seed, references, evaluator) -> np.ndarray:
     """Identity scores ``[N, S·P, K]``: identities x (noise seeds x prompts) x sample seeds."""
     e = config.eval
-    prompts = [q for q in e.prompts for _ in range(e.seeds)]
-    seeds = [k for _ in e.prompts for k in range(e.seeds)]
+    protocol = eval_protocol.Protocol.from_config(e)  # the main job's sampling, no prior samples
     n = len(references)
     scores = np.zeros((n, len(trees_per_seed), len(e.prompts), e.seeds))
     for t, trees in enumerate(trees_per_seed):
         for i in range(n):
             tree = jax.tree_util.tree_map(lambda x: x[i], trees)
             merged = A.merge_all(params, adapters, tree, basis)
-            drawn = sample.sample(
-                sd,
-                merged,
-                prompts,
-                seeds,
-                num_steps=e.sample_steps,
-                guidance_scale=e.guidance_scale,
-                batch_size=len(prompts),
-                progress=False,
-            )
+            drawn = protocol.draw(sd, merged)
             scores[i, t] = evaluator.identity_scores(drawn, references[i]).reshape(len(e.prompts), e.seeds)
     return scores.reshape(n, -1, e.seeds)
 
