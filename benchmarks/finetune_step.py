@@ -4,7 +4,7 @@ What is timed, on identical UNet configs (``model.tiny_configs``: block_out_chan
 (32, 64) and ``medium`` (64, 128, 256), 4 heads, cross-attention width 32), batch 4 of 32x32
 latents, 77 random context tokens, LoRA rank 4 (alpha 4) on every attention to_q/to_k/to_v/to_out:
 
-* ours: a UNet-only variant of ``hdb_jax.train.make_train_step`` (same structure: adapters
+* ours: a UNet-only variant of ``hdb_jax.stages.subject.make_train_step`` (same structure: adapters
   attached by interception, ``value_and_grad`` w.r.t. the adapter tree only, clip + AdamW,
   state donated, one jitted step). UNet-only because the full step also runs the VAE encoder
   and the text encoder, which diffusers' DreamBooth LoRA script does too but which would
@@ -88,7 +88,7 @@ def _cores() -> int:
 
 # -------------------------------------------------------------------- ours
 def build_jax_step(channels, *, batch, latent, attention, chunk, remat=None, seed=0):
-    """Our UNet-only adapter step (same structure as ``hdb_jax.train.make_train_step``).
+    """Our UNet-only adapter step (same structure as ``hdb_jax.stages.subject.make_train_step``).
 
     Args:
       channels: the UNet's ``block_out_channels``.
@@ -108,7 +108,7 @@ def build_jax_step(channels, *, batch, latent, attention, chunk, remat=None, see
     import optax
 
     from hdb_jax import adapters as A
-    from hdb_jax import diffusion
+    from hdb_jax.blocks import diffusion
     from hdb_jax.sd import tiny as tiny_lib
 
     sd = tiny_lib.tiny(

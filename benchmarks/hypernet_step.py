@@ -3,7 +3,7 @@
 Two measurements, each against a reference run in the same process (numbers and ratios only;
 nothing here asserts on time):
 
-1. **Formulation** (one device). Our step (``hdb_jax.hypernet.train.make_step``) runs the UNet
+1. **Formulation** (one device). Our step (``hdb_jax.stages.hypernet.make_step``) runs the UNet
    and the text encoder once on the whole batch and adds each sample's LiDB update
    ``x · ΔW_i`` in activation space (``attach_all(..., per_sample=True)``). The reference is the
    obvious alternative: ``jax.vmap`` over the batch of a function that merges sample i's
@@ -80,14 +80,15 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from hdb_jax import diffusion, sharding  # noqa: E402
+from hdb_jax.common import sharding  # noqa: E402
 from hdb_jax.hypernet import decoder as dec  # noqa: E402
-from hdb_jax.hypernet import encoder as enc  # noqa: E402
-from hdb_jax.hypernet import train as ht  # noqa: E402
-from hdb_jax.hypernet.model import HyperNetwork, split_params  # noqa: E402
+from hdb_jax.hypernet.model import split_params  # noqa: E402
 from hdb_jax.sd import tiny as tiny_lib  # noqa: E402
+from hdb_jax.stages import hypernet as ht  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hypernet_reference import make_merged_step  # noqa: E402
 
 # name -> (tiny() overrides, image resolution); the VAE halves it, so latents are resolution / 2.
 SIZES = {
@@ -168,67 +169,6 @@ def _build(size: str, batch: int, seed: int) -> dict:
         latent=resolution // sd.vae_scale_factor,
         runs={},
     )
-
-
-# -------------------------------------------------------------------- the merged-weights reference
-def merged_denoising_loss(sd, sched_state, adapters, params, tree, basis, images, input_ids, key):
-    """``diffusion.denoising_loss`` with sample i run on base params + its own merged ΔW_i.
-
-    The VAE latents, noise and timesteps are drawn for the whole batch exactly as
-    ``denoising_loss`` draws them (same key splits), so both formulations see the same numbers.
-    """
-    k_vae, k_noise = jax.random.split(key)
-    latents = jax.lax.stop_gradient(sd.encode_images(params["vae"], images, k_vae))
-    noisy, timesteps, target = diffusion.noise_and_target(sd, sched_state, latents, k_noise)
-
-    def one(sample_tree, ids, z, t, eps):
-        merged = {
-            **params,
-            **{c: a.merge(params[c], sample_tree[c], basis.get(c)) for c, a in adapters.items()},
-        }
-        context = sd.encode_text(merged["text_encoder"], ids[None])
-        pred = sd.predict(merged["unet"], z[None], t[None], context)
-        return jnp.mean(jnp.square(pred.astype(jnp.float32) - eps[None].astype(jnp.float32)))
-
-    return jnp.mean(jax.vmap(one)(tree, input_ids, noisy, timesteps, target))
-
-
-def make_merged_step(sd, net: HyperNetwork, adapters, optimizer, alpha: float, beta: float):
-    """``make_step`` with the UNet/text-encoder application replaced by :func:`merged_denoising_loss`."""
-    sched_state = sd.noise_scheduler.create_state()
-
-    def loss_fn(trainable, frozen, batch, key):
-        tokens = net.apply(
-            {"params": {**frozen["hyper"], **trainable}},
-            enc.resize_images(batch["images"], net.image_size),
-            method=HyperNetwork.predict_tokens,
-        )
-        tree = dec.tokens_to_tree(tokens, adapters, net.kind)
-        denoise = merged_denoising_loss(
-            sd,
-            sched_state,
-            adapters,
-            frozen["sd"],
-            tree,
-            frozen["basis"],
-            batch["images"],
-            batch["input_ids"],
-            key,
-        )
-        per_sample = jnp.mean(jnp.square(tokens - batch["target_tokens"]), axis=(1, 2))
-        weights = batch["has_target"]
-        regress = jnp.sum(weights * per_sample) / jnp.maximum(jnp.sum(weights), 1.0)
-        return alpha * denoise + beta * regress, {"denoise": denoise, "regress": regress}
-
-    def step(state, frozen, batch, rng):
-        key = jax.random.fold_in(rng, state["step"])
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], frozen, batch, key)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
-        trainable = optax.apply_updates(state["trainable"], updates)
-        out = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-        return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, out
-
-    return step
 
 
 # -------------------------------------------------------------------- compiling and running

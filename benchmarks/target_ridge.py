@@ -20,12 +20,13 @@ import jax
 import numpy as np
 
 from hdb_jax import adapters as A
-from hdb_jax import build, config_lib
+from hdb_jax.blocks import build
 from hdb_jax.data import identities as identities_lib
 from hdb_jax.hypernet import data as hdata
 from hdb_jax.hypernet import objective
 from hdb_jax.hypernet.encoder import resize_images
 from hdb_jax.hypernet.model import build_hypernet
+from hdb_jax.jobs import config_lib
 
 
 def ridge(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, penalty: float) -> np.ndarray:
@@ -50,7 +51,7 @@ def main() -> None:
     adapters = build.adapters(config.adapter, params)
     kind = A.LiDB(**config.adapter.lidb.to_dict())
     net, init = build_hypernet(
-        config.hypernet.encoder, adapters, kind, encoder_path=config.hypernet.encoder_path or None
+        config.net.encoder, adapters, kind, encoder_path=config.net.encoder_path or None
     )
     hyper = init(jax.random.PRNGKey(0))  # the encoder is the frozen, loaded one; the decoder is unused
     encode = lambda refs: np.asarray(  # noqa: E731
@@ -59,7 +60,7 @@ def main() -> None:
     sets = {}
     for name, directory in (("train", args.train), ("heldout", args.heldout)):
         ids, tokens = hdata.targets(directory, adapters, None)
-        source = identities_lib.from_config(config.data, config.model.resolution, ids)
+        source = identities_lib.from_config(config.data, build.resolution(config.model, sd), ids)
         sets[name] = (encode(hdata.reference_views(source, ids)), np.asarray(tokens))
     (x, y), (xh, yh) = sets["train"], sets["heldout"]
     mean = np.broadcast_to(y.mean(0), yh.shape)

@@ -11,7 +11,7 @@ folder shipped with the package).
 
 import ml_collections
 
-from hdb_jax import config_lib
+from hdb_jax.jobs import config_lib
 from hdb_jax.toy.attributes import SHIPPED_DIR
 
 

@@ -9,7 +9,7 @@ resumes from the latest checkpoint in ``workdir``.
 
 import ml_collections
 
-from hdb_jax import config_lib
+from hdb_jax.jobs import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

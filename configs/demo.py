@@ -14,8 +14,8 @@ scores already in ``workdir/scores``.
 
 import ml_collections
 
-from hdb_jax import config_lib
-from hdb_jax.demo_methods import ROWS
+from hdb_jax.jobs import config_lib
+from hdb_jax.jobs.demo_methods import ROWS
 
 HYPERDREAMBOOTH_ROWS = (
     "base",
@@ -45,13 +45,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data_seed = 0
     c.workdir = "runs/demo"
     workdir = c.get_ref("workdir")  # derived paths follow --config.workdir
+    # The base model, stated once: every section below holds this same object, so
+    # --config.model.source=... (and resolution 0: the model's own) reaches every stage.
     c.model = config_lib.model("toy")
     c.retrain = k.retrain or reduced  # reduced: stages 1-2 at smoke size (no shipped bundle is used)
 
     c.preopt = config_lib.load("preopt.py", "toy", relative_to=__file__)
+    c.preopt.model = c.model
     c.preopt.workdir = workdir + "/preopt"
     c.preopt.adapter.basis_file = workdir + "/lidb_basis.safetensors"
     c.hypernet = config_lib.load("hypernet.py", "toy", relative_to=__file__)
+    c.hypernet.model = c.model
     c.hypernet.workdir = workdir + "/hypernet"
     c.hypernet.adapter.basis_file = workdir + "/lidb_basis.safetensors"
     c.hypernet.data.preopt_dir = workdir + "/preopt"
@@ -64,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.personalize.model = c.model
     # "" (default): decided when the job runs, by c.retrain: the bundle stage 2 writes in
     # c.hypernet.workdir, or the shipped toy hypernetwork. A path: that bundle, whatever retrain says.
-    c.personalize.hypernet = ""
+    c.personalize.bundle = ""
     c.personalize.compile_cache = workdir + "/jax_cache"
     if reduced:
         c.personalize.relax.steps = 2
@@ -91,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # The oracle: stage 1 run on the reference itself (one view), in the bundle's LiDB basis.
     c.oracle = config_lib.load("preopt.py", "toy", relative_to=__file__)
+    c.oracle.model = c.model
     c.oracle.bundle_dir = ""  # the bundle the hypernetwork rows use (its LiDB basis)
     c.oracle.chunk_size = 4 if reduced else len(c.eval.identities)  # every evaluation identity: one chunk
     if reduced:
@@ -104,6 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ("residuals", "toy,adapter=residual"),  # also sampled with LAG: row residuals+lag
     ):
         b = config_lib.load("subject.py", arg, relative_to=__file__)
+        b.model = c.model
         b.data.instance.images_per_identity = 1  # the reference only, like every other row
         b.data.flip = False  # a mirrored face is another face here (the hair parts the other way)
         b.export.sample_prompts = ()

@@ -4,7 +4,7 @@ Run:
   python -m hdb_jax.train --config configs/hypernet.py:tiny
   python -m hdb_jax.train --config configs/hypernet.py:tiny --config.data.preopt_dir=runs/preopt
   python -m hdb_jax.train --config configs/hypernet.py:sd15 --config.model.source=/models/sd15 \\
-      --config.hypernet.encoder_path=/models/clip-vit-h-14 --config.data.preopt_dir=/data/preopt \\
+      --config.net.encoder_path=/models/clip-vit-h-14 --config.data.preopt_dir=/data/preopt \\
       --config.mesh.data=-1 --config.mesh.fsdp=4
   python -m hdb_jax.train --config configs/hypernet.py:sd15 --config.dry_run=True   # shapes only
 Knobs: ``tiny`` (default: the random tiny model), ``toy`` (the shipped toy base model: the recipe of
@@ -13,7 +13,7 @@ the shipped hypernetwork bundle, trained on stage 1's ``configs/preopt.py:toy`` 
 
 import ml_collections
 
-from hdb_jax import config_lib
+from hdb_jax.jobs import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -35,24 +35,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.batch_size = 64 if sd15 else 16 if toy else 8  # global; a multiple of the device count
     c.validate_every = 500 if toy else 0  # held-out references and their predicted samples in TensorBoard
+    c.validate_sample_steps = 20  # sampler steps of those samples
 
-    c.hypernet = ml_collections.ConfigDict()
-    c.hypernet.encoder = (
-        "sd15" if sd15 else "toy_identity" if toy else "tiny"
-    )  # CLIP ViT-H/14, the toy identity
+    c.net = ml_collections.ConfigDict()
+    c.net.encoder = "sd15" if sd15 else "toy_identity" if toy else "tiny"  # CLIP ViT-H/14, the toy identity
     # encoder (frozen, trained to tell faces apart: the toy world's pretrained ViT), or a tiny random CLIP
-    c.hypernet.encoder_path = (
-        ""  # local CLIP vision directory (sd15) or identity encoder folder (toy_identity)
-    )
-    c.hypernet.train_encoder = False
+    c.net.encoder_path = ""  # local CLIP vision directory (sd15) or identity encoder folder (toy_identity)
+    c.net.train_encoder = False
     # toy: 1 iteration learned faster than 4 and runs 3.5x faster (methods.md, "Lessons").
-    c.hypernet.iterations = 1 if toy else 4
-    c.hypernet.mode = "cross"  # or "concat" (the paper's concatenation)
-    c.hypernet.num_blocks = 4
-    c.hypernet.num_heads = 2
-    c.hypernet.width = 256 if toy else 0  # 0: 2 x token width (toy tokens are 256 wide)
+    c.net.iterations = 1 if toy else 4
+    c.net.mode = "cross"  # or "concat" (the paper's concatenation)
+    c.net.num_blocks = 4
+    c.net.num_heads = 2
+    c.net.width = 256 if toy else 0  # 0: 2 x token width (toy tokens are 256 wide)
     # Start from a learned per-token offset set to the targets' mean (no saddle at step 0).
-    c.hypernet.offset = toy
+    c.net.offset = toy
 
     # beta weighs the squared-norm weight distance (sum over layers); it acts only with targets.
     # regress_only_steps: the first steps fit the targets only (no UNet is run), then both terms

@@ -12,7 +12,7 @@ with the package.
 
 import ml_collections
 
-from hdb_jax import config_lib
+from hdb_jax.jobs import config_lib
 from hdb_jax.toy.identity import SHIPPED_DIR
 
 

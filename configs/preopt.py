@@ -11,7 +11,7 @@ identities instead of its training ones). Rerunning skips identities already in 
 
 import ml_collections
 
-from hdb_jax import config_lib
+from hdb_jax.jobs import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

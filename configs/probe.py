@@ -5,13 +5,13 @@ Run:
   python -m hdb_jax.train --config configs/probe.py:identities=4 --config.workdir=runs/probe/x \\
       --config.preopt.optim.learning_rate=1e-2 --config.preopt.samples_per_step=4
 Knobs: ``identities`` (how many; held-out ones, 3_000_000 + i), ``reduced`` (smoke size for tests).
-Writes ``<workdir>/probe.json`` (see :mod:`hdb_jax.probe`). Every ``--config.preopt.*`` field of
+Writes ``<workdir>/probe.json`` (see :mod:`hdb_jax.jobs.probe`). Every ``--config.preopt.*`` field of
 ``configs/preopt.py:toy`` is a recipe knob.
 """
 
 import ml_collections
 
-from hdb_jax import config_lib
+from hdb_jax.jobs import config_lib
 
 PROMPTS = (
     "a sks face",

@@ -15,7 +15,7 @@ Rerunning the same command resumes from the run's latest checkpoint.
 
 import ml_collections
 
-from hdb_jax import config_lib
+from hdb_jax.jobs import config_lib
 
 # methods.md: LiDB pre-optimisation lr 1e-3 (~300 steps); DiffuseKronA's official SD recipe lr 1e-3,
 # 500 steps, batch 4; residuals 1e-3 (150 steps, batch 4); LoRA-DreamBooth 1e-4. The tiny model at 10x.

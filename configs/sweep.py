@@ -1,4 +1,4 @@
-"""Sweeps over the paper's open questions on the toy world, with plots (see hdb_jax/sweep.py).
+"""Sweeps over the paper's open questions on the toy world, with plots (see hdb_jax/jobs/sweep.py).
 
 Run:
   python -m hdb_jax.train --config configs/sweep.py:relax
@@ -12,8 +12,8 @@ A rerun computes only the points whose result file is missing.
 
 import ml_collections
 
-from hdb_jax import config_lib
-from hdb_jax.personalizer import default_config
+from hdb_jax.jobs import config_lib
+from hdb_jax.stages.personalize import default_config
 
 SWEEPS = ("relax", "iterations", "ood", "identities")
 

@@ -1,19 +1,24 @@
 """hdb_jax: HyperDreamBooth, DiffuseKronA and Personalized Residuals on Flax Stable Diffusion.
 
-Layers, bottom up (a module imports only from the layers below it):
+Layers, bottom up; each is a folder, and a module imports only from its own folder and the ones
+listed before it:
 
-* foundation: ``hdb_jax.sd`` (the only seam to the pinned diffusers / transformers Flax classes:
-  model bundle, torch-free loading, tiny models), ``hdb_jax.adapters`` (pure adapter trees),
-  ``data``, ``images``, ``tensorfile``, ``metrics``, ``checkpoint``, ``sharding``, ``config_lib``;
-* building blocks: ``build`` (base model, adapters, frozen trees, optimizer), ``loop`` (the one
-  training loop), ``diffusion`` (the denoising loss and its fixed-draw evaluation), ``sample``,
-  ``lag``, ``relax``, ``personal``, ``export`` / ``export_webui``, ``tuning``, ``hypernet.model`` /
-  ``bundle``, ``data.weights`` (the pre-optimised weights dataset), ``eval``, ``toy`` evaluators;
-* stages, peers that never import each other: ``subject``, ``preopt``, ``hypernet.train``,
-  ``personalize`` and the toy world's training jobs (``toy.base``, ``toy.identity_train``,
-  ``toy.attributes_train``);
-* jobs that compose stages: ``demo`` (with ``demo_methods``) and ``sweep``; ``train`` is the
-  ``python -m hdb_jax.train`` entry point.
+* ``common`` (images, safetensors files, checkpoints, metric writers, meshes), ``sd`` (the only
+  seam to the pinned diffusers / transformers Flax classes: model bundle, torch-free loading, tiny
+  models), ``adapters`` (pure adapter trees), ``eval`` (intervals, precision / recall, reports,
+  real-photo metrics);
+* ``formats`` (personal weights, diffusers LoRA, webui files) and ``blocks`` (``build``: base
+  model, adapters, frozen trees, optimiser; ``loop``: the one training loop; ``diffusion``,
+  ``sample``, ``lag``, ``relax``, ``tuning``);
+* ``toy`` (the toy world: renderer, base model architecture, scorers, the scoring protocol,
+  shipped weights), ``data`` (identity sources, the pre-optimised weights dataset), ``hypernet``
+  (the network, its objective, data, evaluation and bundle);
+* ``stages``, peers that never import each other, each ``train(config, sd, params)``:
+  ``subject``, ``preopt``, ``hypernet``, ``personalize`` (the ``Personalizer`` runtime);
+* ``jobs``: the command lines and what composes stages (``train`` dispatches ``config.job``;
+  the main job ``demo``, ``sweep``, ``probe``, the toy world's trainers). ``hdb_jax.train``,
+  ``hdb_jax.personalize``, ``hdb_jax.sample`` and ``hdb_jax.export_base`` are the short names of
+  their command lines.
 
 Vocabulary used everywhere:
 
@@ -24,7 +29,10 @@ Vocabulary used everywhere:
 * ``frozen``: ``{"params": base weights, "basis": {component: frozen adapter trees}}`` (LiDB's
   bases; empty dicts for the other kinds), plus ``"hyper"`` (the frozen image encoder) in the
   hypernetwork's step;
-* ``state``: ``{"step", "trainable", "opt_state"}``, donated to the jitted step and checkpointed.
+* ``state``: ``{"step", "trainable", "opt_state"}``, donated to the jitted step and checkpointed,
+  in every job (a job adds fields of its own beside them: the toy base model's ``ema`` and
+  ``scaling_factor``); :func:`hdb_jax.blocks.loop.train` runs it in a run directory
+  (``checkpoints/``, ``tb/``) after one restore (:class:`hdb_jax.blocks.loop.RunDir`).
 """
 
 __version__ = "0.2.0"

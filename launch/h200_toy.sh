@@ -39,4 +39,4 @@ run $PY -m hdb_jax.train --config configs/hypernet.py:toy --config.workdir="$OUT
   --config.steps=$STEPS --config.batch_size=64 --config.loss.regress_only_steps=$((STEPS / 2)) $B
 # The full main job on the bundle just trained.
 run $PY -m hdb_jax.train --config configs/demo.py:full --config.workdir="$OUT/demo" \
-  --config.personalize.hypernet="$OUT/hypernet/hypernet"
+  --config.personalize.bundle="$OUT/hypernet/hypernet"

@@ -59,6 +59,6 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def load_config(name: str, arg: str | None = None):
     """``get_config(arg)`` of ``configs/<name>.py`` (the experiment configs are files, not a package)."""
-    from hdb_jax import config_lib
+    from hdb_jax.jobs import config_lib
 
     return config_lib.load(os.path.join(CONFIGS, f"{name}.py"), arg)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from hdb_jax import build, subject, tuning
+from hdb_jax.blocks import build, tuning
+from hdb_jax.jobs import subject as subject_job
+from hdb_jax.stages import subject
 
 needs_torch = pytest.mark.skipif(
     __import__("importlib").util.find_spec("torch") is None, reason="needs torch"
@@ -38,10 +40,10 @@ def test_textual_inversion_changes_one_row_and_loads_in_diffusers(base, tiny_mod
     config.model.source = os.fspath(tiny_model_dir)
     config.optim.learning_rate = 0.1  # a visible move in three steps
     result = subject.train(config, sd, params)
-    written = subject.export(config, result)
-    t = result["tuning"]
-    assert isinstance(t, tuning.TextualInversionTuning) and result["num_params"] == sd.text_width
-    merged = t.merged(params, jax.device_get(result["state"]["trainable"]), {})
+    written = subject_job.export(config, result)
+    t = result.tuning
+    assert isinstance(t, tuning.TextualInversionTuning) and result.num_params == sd.text_width
+    merged = t.merged(params, jax.device_get(result.state["trainable"]), {})
     table, before = (
         np.asarray(p["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"])
         for p in (merged, params)
@@ -77,9 +79,9 @@ def test_dreambooth_generates_class_images_once_and_trains_the_unet(base, tmp_pa
     stamps = [f.stat().st_mtime_ns for f in files]
     config.steps = 4  # resume: the cached class images are read, not sampled again
     second = subject.train(config, sd, params)
-    assert second["loop"].start == 2 and [f.stat().st_mtime_ns for f in files] == stamps
-    trained = jax.device_get(second["state"]["trainable"])
-    assert set(trained) == {"unet"} and second["num_params"] == sum(
+    assert second.loop.start == 2 and [f.stat().st_mtime_ns for f in files] == stamps
+    trained = jax.device_get(second.state["trainable"])
+    assert set(trained) == {"unet"} and second.num_params == sum(
         x.size for x in jax.tree_util.tree_leaves(params["unet"])
     )
     moved = max(
@@ -97,11 +99,11 @@ def test_reduced_subject_run_writes_scalars_and_a_validation_grid(tmp_path):
     loader = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     config = _config(tmp_path / "tb", "tiny,adapter=lora", steps=4)
     config.validate_every, config.export.sample_prompts, config.export.sample_steps = 2, ("a sks face",), 2
-    result = subject.run(config)
+    result = subject_job.run(config)
     acc = loader.EventAccumulator(str(tmp_path / "tb" / "tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
     assert [e.step for e in acc.Scalars("val/fixed_batch_loss")] == [2, 4]
     grids = acc.Images("val/samples")
     assert [g.step for g in grids] == [2, 4] and (grids[0].width, grids[0].height) == (2 * 32, 2 * 32)
-    assert result["loop"].validation[4]["fixed_batch_loss"] == pytest.approx(result["eval"]["end"], rel=1e-5)
+    assert result.loop.validation[4]["fixed_batch_loss"] == pytest.approx(result.eval["end"], rel=1e-5)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from hdb_jax import cli
+from hdb_jax.blocks.loop import NonFiniteLossError
 from hdb_jax.hypernet.bundle import BundleError
-from hdb_jax.loop import NonFiniteLossError
+from hdb_jax.jobs import cli
 
 
 def _run(main, argv, capsys):

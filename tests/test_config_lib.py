@@ -5,7 +5,7 @@ import os
 import pytest
 from conftest import CONFIGS, load_config
 
-from hdb_jax import config_lib
+from hdb_jax.jobs import config_lib
 
 
 def test_knobs_cast_to_their_defaults_types():
@@ -41,7 +41,7 @@ def test_bad_knobs_are_named(arg, message):
 
 
 def test_every_config_loads_without_sys_path_edits():
-    from hdb_jax.train import JOBS
+    from hdb_jax.jobs.train import JOBS
 
     names = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py"))
     for name in names:
@@ -57,3 +57,23 @@ def test_stage_configs_share_sections():
     )  # same LiDB layout
     assert preopt.model.to_dict() == hypernet.model.to_dict() == {"source": "tiny", "resolution": 32}
     assert "instance" not in hypernet.data and "export" not in preopt  # composed, not copied and deleted
+
+
+def test_the_main_job_states_its_base_model_once():
+    """One override of ``model`` reaches every stage the main job runs."""
+    c = load_config("demo")
+    sections = [c.preopt, c.hypernet, c.personalize, c.oracle, *(c.baselines[k] for k in c.baselines)]
+    c.model.source, c.model.resolution = "/models/sd15", 0
+    assert all(s.model.source == "/models/sd15" and s.model.resolution == 0 for s in sections)
+    assert config_lib.model("toy").resolution == config_lib.model("sd15").resolution == 0  # the model's own
+    assert config_lib.model("tiny").resolution == 32
+
+
+def test_a_stage_trains_at_the_resolution_of_the_model_it_is_given(tiny_sd):
+    from hdb_jax.blocks import build
+
+    assert tiny_sd.default_resolution == 32
+    assert build.resolution({"resolution": 0}, tiny_sd) == 32  # 0: the model's own
+    assert build.resolution({"resolution": 16}, tiny_sd) == 16  # an explicit size wins
+    with pytest.raises(ValueError, match="config.model.resolution=33 is not a multiple"):
+        build.resolution({"resolution": 33}, tiny_sd)

@@ -9,8 +9,9 @@ import sys
 import numpy as np
 from PIL import Image
 
-from hdb_jax import demo, personal
 from hdb_jax.eval import report as report_lib
+from hdb_jax.formats import personal
+from hdb_jax.jobs import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,5 +85,5 @@ def test_the_evaluated_bundle_follows_retrain_at_run_time():
     config.retrain = True  # what --config.retrain=True does: the bundle stage 2 writes is evaluated
     config.workdir = "/tmp/elsewhere"
     assert demo.bundle_path(config) == "/tmp/elsewhere/hypernet/hypernet"
-    config.personalize.hypernet = "/ckpt/mine"  # an explicit bundle wins
+    config.personalize.bundle = "/ckpt/mine"  # an explicit bundle wins
     assert demo.bundle_path(config) == "/ckpt/mine"

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdb_jax import diffusion
-from hdb_jax.data import synthetic
-from hdb_jax.eval import prdc, report, stats, toy
+from hdb_jax.blocks import diffusion
+from hdb_jax.eval import prdc, report, stats
+from hdb_jax.toy import evaluator as toy
+from hdb_jax.toy import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_flat_colours_are_not_faces_and_renders_are(evaluator):
 def test_heldout_loss_refuses_uint8_and_the_toy_recipe_normalises(tiny_sd, tiny_params):
     from conftest import load_config
 
-    from hdb_jax.toy import base
+    from hdb_jax.jobs import toy_base as base
 
     config = load_config("base_toy", "reduced")
     pixels, ids = base.heldout_set(config, tiny_sd)
@@ -185,7 +186,7 @@ def test_fraction_of_a_reference_row_on_shared_identities():
 def test_protocol_orders_samples_and_scores_them_by_prompt_and_seed(evaluator):
     import ml_collections
 
-    from hdb_jax.eval import protocol
+    from hdb_jax.toy import protocol
 
     e = ml_collections.ConfigDict(
         dict(prompts=["a sks face", "a cartoon of a sks face"], seeds=2, sample_steps=3, guidance_scale=2.0)

@@ -12,10 +12,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from hdb_jax import adapters as A
-from hdb_jax import export as E
-from hdb_jax import personal as P
-from hdb_jax import tensorfile
 from hdb_jax.adapters import basis as B
+from hdb_jax.common import tensorfile
+from hdb_jax.formats import lora as E
+from hdb_jax.formats import personal as P
 from hdb_jax.sd import model
 from hdb_jax.sd import tiny as tiny_lib
 from hdb_jax.sd.fingerprint import params_fingerprint

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from hdb_jax import export_base, toy
+from hdb_jax import toy
+from hdb_jax.jobs import export_base
 from hdb_jax.sd import loading
 
 torch = pytest.importorskip("torch")
@@ -133,7 +134,7 @@ def test_exported_lora_loads_onto_the_export(exported, flax_model, inputs, tmp_p
     from test_export import _adapter, _random_trainable, _torch_outputs
 
     from hdb_jax import adapters as A
-    from hdb_jax import export
+    from hdb_jax.formats import lora as export
 
     sd, params = flax_model
     latents, timesteps, _, ids = inputs

@@ -11,8 +11,8 @@ import pytest
 from safetensors import safe_open
 
 from hdb_jax import adapters as A
-from hdb_jax import export_webui as W
-from hdb_jax.export import torch_module_path
+from hdb_jax.formats import webui as W
+from hdb_jax.formats.lora import torch_module_path
 
 needs_torch = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("torch", "peft", "diffusers")),

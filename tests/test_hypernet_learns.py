@@ -14,14 +14,14 @@ import numpy as np
 from conftest import load_config
 
 from hdb_jax import adapters as A
-from hdb_jax import build
+from hdb_jax.blocks import build
 from hdb_jax.data import identities as identities_lib
 from hdb_jax.data import weights as weights_lib
 from hdb_jax.hypernet import bundle
 from hdb_jax.hypernet import data as hdata
 from hdb_jax.hypernet import decoder as dec
-from hdb_jax.hypernet import train as ht
 from hdb_jax.hypernet.encoder import resize_images
+from hdb_jax.stages import hypernet as ht
 from hdb_jax.toy import identity as identity_scorer
 
 TRAIN = tuple(range(40_000, 40_160))
@@ -87,9 +87,9 @@ def test_hypernetwork_fits_a_linear_function_of_identity(tmp_path):
     config.steps, config.log_every, config.checkpoint_every = 300, 100, 1000
     out = ht.train(config, sd, params)
 
-    held_src = identities_lib.from_config(config.data, config.model.resolution, HELD)
-    train_src = identities_lib.from_config(config.data, config.model.resolution, TRAIN)
-    b = bundle.load(out["bundle"], params)
+    held_src = identities_lib.from_config(config.data, build.resolution(config.model, sd), HELD)
+    train_src = identities_lib.from_config(config.data, build.resolution(config.model, sd), TRAIN)
+    b = bundle.load(out.bundle, params)
     held_refs = hdata.reference_views(held_src, HELD)
     pred = hdata.predict_tokens(b.net, b.params, held_refs)
     r2 = ht.r_squared(pred, held_tokens, kind)
@@ -103,6 +103,6 @@ def test_hypernetwork_fits_a_linear_function_of_identity(tmp_path):
         _ridge_r2(f, train_tokens, h, held_tokens, kind)
         for f, h in ((features, held_features), (features[:, -2:], held_features[:, -2:]))
     )
-    print(f"held-out R2 {r2:.3f}, train {out['r2_train']:.3f}, ridge ceiling {ceiling:.3f}")
+    print(f"held-out R2 {r2:.3f}, train {out.r2_train:.3f}, ridge ceiling {ceiling:.3f}")
     assert ceiling > 0.8, ceiling  # the encoder's features carry the identity
-    assert r2 >= 0.5 * ceiling, (r2, ceiling, out["r2_train"])
+    assert r2 >= 0.5 * ceiling, (r2, ceiling, out.r2_train)

@@ -6,7 +6,7 @@ import numpy as np
 
 from hdb_jax import adapters as A
 from hdb_jax.hypernet import decoder as dec
-from hdb_jax.hypernet import train as ht
+from hdb_jax.stages import hypernet as ht
 
 
 def _tokens(key, kind, n=5, batch=3):

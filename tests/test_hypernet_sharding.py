@@ -14,9 +14,10 @@ import pytest
 from conftest import load_config
 from jax.sharding import PartitionSpec as P
 
-from hdb_jax import build, checkpoint, sharding
-from hdb_jax.hypernet import train as ht
+from hdb_jax.blocks import build
+from hdb_jax.common import checkpoint, sharding
 from hdb_jax.hypernet.model import split_params
+from hdb_jax.stages import hypernet as ht
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from hdb_jax import checkpoint
-from hdb_jax.data import synthetic
-from hdb_jax.toy import identity, identity_train
+from hdb_jax.common import checkpoint
+from hdb_jax.jobs import toy_identity as identity_train
+from hdb_jax.toy import identity, synthetic
 
 # Training used ids 0..19_999 and reported retrieval on 1_000_000..1_000_099; this range is new.
 HELDOUT = range(3_000_000, 3_000_100)
@@ -66,7 +66,7 @@ def test_uint8_float_and_resized_inputs(scorer):
 def test_train_reduced_lowers_loss_and_resumes(tmp_path):
     config = load_config("identity_toy", "reduced")
     config.workdir, config.out_dir, config.steps = str(tmp_path / "run"), str(tmp_path / "out"), 4
-    first = identity_train.train(config)
+    first = identity_train.run(config)
     assert first["start_step"] == 0 and first["step"] == 4
     assert first["eval_loss"]["end"] < first["eval_loss"]["start"] - 0.2
     shipped = identity.load(tmp_path / "out")
@@ -76,7 +76,7 @@ def test_train_reduced_lowers_loss_and_resumes(tmp_path):
     np.testing.assert_allclose(shipped.embed(images), trained.embed(images), atol=1e-6)
 
     config.steps = 8
-    second = identity_train.train(config)
+    second = identity_train.run(config)
     assert second["start_step"] == 4 and second["step"] == 8
     assert sorted(second["losses"]) == [6, 8]
     # The resumed run starts from the saved parameters: same fixed-batch loss as the first run's end.

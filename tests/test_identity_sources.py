@@ -11,7 +11,7 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
-from hdb_jax import build
+from hdb_jax.blocks import build
 from hdb_jax.data import folder, identities
 from hdb_jax.data import weights as weights_lib
 
@@ -53,8 +53,8 @@ def test_folder_of_identities_skips_bad_files_and_empty_identities(people):
 
 
 def test_folder_of_identities_trains_preopt_and_a_hypernetwork_step(people, tmp_path):
-    from hdb_jax import preopt
-    from hdb_jax.hypernet import train as hypernet_train
+    from hdb_jax.stages import hypernet as hypernet_train
+    from hdb_jax.stages import preopt
 
     config = load_config("preopt", "tiny")
     config.workdir, config.steps, config.chunk_size, config.mesh.data = str(tmp_path / "pre"), 2, 2, 1
@@ -64,7 +64,7 @@ def test_folder_of_identities_trains_preopt_and_a_hypernetwork_step(people, tmp_
         warnings.simplefilter("ignore", folder.BadImagesWarning)
         out = preopt.train(config, sd, params)
         rows, trees = weights_lib.load(config.workdir)
-        assert sorted(out["trained"]) == ["alice", "bob"] == sorted(r["identity"] for r in rows)
+        assert sorted(out.trained) == ["alice", "bob"] == sorted(r["identity"] for r in rows)
         assert rows[0]["source"].startswith("folder:")
         hyper = load_config("hypernet", "tiny")
         hyper.workdir, hyper.steps, hyper.batch_size, hyper.mesh.data = str(tmp_path / "hyp"), 1, 2, 1
@@ -74,9 +74,9 @@ def test_folder_of_identities_trains_preopt_and_a_hypernetwork_step(people, tmp_
             os.path.join(config.workdir, "lidb_basis.safetensors"),
         )
         result = hypernet_train.train(hyper, sd, params)
-    assert result["loop"].step == 1 and np.isfinite(result["loop"].last())
+    assert result.loop.step == 1 and np.isfinite(result.loop.last())
     assert (
-        0 < np.isfinite(result["r2_train"])
+        0 < np.isfinite(result.r2_train)
         and (tmp_path / "hyp" / "hypernet" / "hypernet.safetensors").is_file()
     )
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from hdb_jax import adapters as A
-from hdb_jax import lag as lag_lib
-from hdb_jax import sample as S
+from hdb_jax.blocks import lag as lag_lib
+from hdb_jax.blocks import sample as S
+from hdb_jax.jobs import sample as sample_cli
 from hdb_jax.sd import hf
 
 
@@ -117,7 +118,7 @@ def test_median_mask_splits_half():
 def test_command_line_lag_samples_a_residual_file(tiny_sd, tiny_params, residual, tmp_path):
     from PIL import Image
 
-    from hdb_jax import personal
+    from hdb_jax.formats import personal
     from hdb_jax.sd.fingerprint import params_fingerprint
 
     adapter, trained = residual
@@ -129,7 +130,7 @@ def test_command_line_lag_samples_a_residual_file(tiny_sd, tiny_params, residual
     )
     args = ["--model", "tiny", "--weights", str(path), "--prompt", "a sks face", "--seeds", "0,1"]
     args += ["--steps", "3", "--guidance", "3", "--batch-size", "2"]
-    S.main(args + ["--lag", "sks,face", "--out", str(tmp_path / "lag")])
+    sample_cli.main(args + ["--lag", "sks,face", "--out", str(tmp_path / "lag")])
     _, tokens = _ids(tiny_sd)
     want = S.sample(
         tiny_sd,
@@ -145,7 +146,7 @@ def test_command_line_lag_samples_a_residual_file(tiny_sd, tiny_params, residual
     got = np.stack([np.asarray(Image.open(tmp_path / "lag" / f"p0_s{s}.png")) for s in (0, 1)])
     assert np.abs(got.astype(int) - want).max() <= 1
     with pytest.raises(SystemExit, match="not a single token"):
-        S.main(args + ["--lag", "sks,facexyzzy", "--out", str(tmp_path / "bad")])
+        sample_cli.main(args + ["--lag", "sks,facexyzzy", "--out", str(tmp_path / "bad")])
     lora = A.Adapter.create(A.LoRA(rank=2), tiny_params["unet"], [A.PATTERNS["unet_attention"]], "unet")
     lora_path = personal.save_personal(
         tmp_path / "lora.safetensors",
@@ -155,4 +156,4 @@ def test_command_line_lag_samples_a_residual_file(tiny_sd, tiny_params, residual
     )
     bad = ["--model", "tiny", "--weights", str(lora_path), "--prompt", "a sks face", "--lag", "sks,face"]
     with pytest.raises(SystemExit, match="Personalized Residuals"):
-        S.main(bad)
+        sample_cli.main(bad)

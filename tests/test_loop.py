@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdb_jax import checkpoint, loop, metrics
+from hdb_jax.blocks import loop
 
 
 def _step(state, batch):
@@ -20,15 +20,23 @@ def _state():
     return {"step": jnp.zeros((), jnp.int32), "w": jnp.zeros((2,))}
 
 
+def _resumed(run, state, config, **kw):
+    """The one resume protocol: restore through the run directory, then train from that step."""
+    start, state = run.restore(state)
+    return loop.train(state, _step, _batch, config, start=start, run=run, **kw)
+
+
 def test_interrupted_run_resumes_to_the_same_state(tmp_path):
-    straight = loop.train(_state(), _step, _batch, steps=7, log_every=2)
-    with checkpoint.Checkpointer(tmp_path, every=3) as ckpt:
-        first = loop.train(_state(), _step, _batch, steps=7, checkpointer=ckpt, stop_after=4, log_every=2)
+    config = {"steps": 7, "log_every": 2, "checkpoint_every": 3}
+    straight = loop.train(_state(), _step, _batch, config, start=0)
+    with loop.open_run(tmp_path, config) as run:
+        first = _resumed(run, _state(), {**config, "stop_after": 4})
     assert first.stopped_early and first.step == 4 and first.steps_run == 4
-    with checkpoint.Checkpointer(tmp_path, every=3) as ckpt:
-        assert ckpt.all_steps() == [3, 4]  # the interval save and the stop save
-        second = loop.train(_state(), _step, _batch, steps=7, checkpointer=ckpt, log_every=2)
-        assert ckpt.latest_step == 7  # the last step is always saved
+    with loop.open_run(tmp_path, config) as run:
+        assert run.checkpointer.all_steps() == [3, 4]  # the interval save and the stop save
+        assert run.checkpointer.directory == str(tmp_path / "checkpoints")
+        second = _resumed(run, _state(), config)
+        assert run.checkpointer.latest_step == 7  # the last step is always saved
     assert (second.start, second.step, second.stopped_early) == (4, 7, False)
     np.testing.assert_array_equal(np.asarray(second.state["w"]), np.asarray(straight.state["w"]))
     assert sorted(second.history) == [6, 7]
@@ -43,12 +51,13 @@ def test_non_finite_loss_names_step_and_last_good_checkpoint(tmp_path):
         new, out = _step(state, batch)
         return new, {"loss": jnp.where(new["step"] >= 5, jnp.nan, out["loss"])}
 
-    with checkpoint.Checkpointer(tmp_path, every=2) as ckpt:
+    config = {"steps": 10, "log_every": 3, "checkpoint_every": 2}
+    with loop.open_run(tmp_path, config) as run:
         with pytest.raises(
             loop.NonFiniteLossError,
-            match=rf"loss is nan at step 6; last good checkpoint: step 4 in {tmp_path}",
+            match=rf"loss is nan at step 6; last good checkpoint: step 4 in {tmp_path / 'checkpoints'}",
         ):
-            loop.train(_state(), step, _batch, steps=10, checkpointer=ckpt, log_every=3)
+            loop.train(_state(), step, _batch, config, start=0, run=run)
 
 
 def test_validation_and_metrics_reach_tensorboard(tmp_path):
@@ -59,20 +68,13 @@ def test_validation_and_metrics_reach_tensorboard(tmp_path):
         calls.append(step)
         return {"scalars": {"score": float(step)}, "images": {"grid": np.full((4, 8, 3), step, np.uint8)}}
 
-    with metrics.Writer(tmp_path) as writer:
+    config = {"steps": 6, "log_every": 2, "validate_every": 4, "checkpoint_every": 0}
+    with loop.open_run(tmp_path, config) as run:
         result = loop.train(
-            _state(),
-            _step,
-            _batch,
-            steps=6,
-            writer=writer,
-            log_every=2,
-            validate=validate,
-            validate_every=4,
-            prefix="phase/",
+            _state(), _step, _batch, config, start=0, run=run, validate=validate, prefix="phase/"
         )
     assert calls == [4, 6] and result.validation == {4: {"score": 4.0}, 6: {"score": 6.0}}
-    acc = loader.EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0})
+    acc = loader.EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("phase/loss")] == [2, 4, 6]
     assert [e.step for e in acc.Scalars("phase/steps_per_s")] == [2, 4, 6]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hdb_jax import images, metrics
+from hdb_jax.common import images, metrics
 
 
 def _events(logdir):

@@ -13,15 +13,17 @@ from PIL import Image
 from safetensors import safe_open
 
 from hdb_jax import adapters as A
-from hdb_jax import export, personal, personalize
 from hdb_jax.adapters import basis as basis_io
-from hdb_jax.data import folder, synthetic
+from hdb_jax.data import folder
+from hdb_jax.formats import lora as export
+from hdb_jax.formats import personal
 from hdb_jax.hypernet import bundle as bundle_lib
 from hdb_jax.hypernet.model import build_hypernet
+from hdb_jax.jobs import personalize
 from hdb_jax.sd import loading
 from hdb_jax.sd import tiny as tiny_lib
 from hdb_jax.sd.fingerprint import params_fingerprint
-from hdb_jax.toy import base_model_dir
+from hdb_jax.toy import base_model_dir, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +120,7 @@ def _cli(image, out, bundle, cache):
         "configs/personalize.py",
         f"--image={image}",
         f"--out={out}",
-        f"--config.hypernet={bundle}",
+        f"--config.bundle={bundle}",
         f"--config.compile_cache={cache}",
         "--config.relax.steps=3",
         "--config.relax.batch_size=2",
@@ -176,7 +178,7 @@ def test_cli_writes_both_files_and_reuses_the_compile_cache(toy, bundle_dir, fac
 @pytest.mark.parametrize("case", ["not_an_image", "corrupt", "tiny", "huge"])
 def test_bad_photos_fail_before_any_weights_load(case, tmp_path, face_png):
     config = load_config("personalize")
-    config.hypernet = os.fspath(tmp_path / "no_bundle_here")  # would fail later: the photo must fail first
+    config.bundle = os.fspath(tmp_path / "no_bundle_here")  # would fail later: the photo must fail first
     config.compile_cache = ""
     path = tmp_path / "photo.png"
     if case == "not_an_image":
@@ -201,9 +203,29 @@ def test_bad_photos_fail_before_any_weights_load(case, tmp_path, face_png):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.relax.variant=bogus", "error: config.relax.variant='bogus': choose from ('fresh', 'svd')"),
+        ("--config.relax.rank=0", "error: config.relax.rank=0: expected an integer >= 1"),
+        ("--config.relax.stepz=3", 'error: bad flag: \'stepz\'; Did you mean "steps" instead of "stepz"?'),
+    ],
+)
+def test_cli_bad_config_value_is_one_error_line_and_exit_2(override, message, face_png, tmp_path):
+    """A bad value or a typo: one ``error:`` line naming the field, exit code 2, nothing written."""
+    cmd = [sys.executable, "-m", "hdb_jax.personalize", "--config", "configs/personalize.py", override]
+    cmd += [f"--image={face_png}", f"--out={tmp_path / 'out'}"]
+    env = {k: v for k, v in os.environ.items() if k != "HDB_DEBUG"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_bundle_is_named(tmp_path, face_png):
     config = load_config("personalize")
-    config.hypernet = os.fspath(tmp_path / "nowhere")
+    config.bundle = os.fspath(tmp_path / "nowhere")
     config.compile_cache = ""
     with pytest.raises(bundle_lib.BundleError, match="nowhere"):
         personalize.personalize(config, os.fspath(face_png), os.fspath(tmp_path / "out"))
@@ -212,7 +234,7 @@ def test_missing_bundle_is_named(tmp_path, face_png):
 def test_batched_personalisation_equals_single_runs_and_compiles_once(toy, bundle_dir):
     sd, params = toy
     config = load_config("personalize")
-    config.hypernet, config.relax.steps, config.relax.batch_size = os.fspath(bundle_dir), 3, 2
+    config.bundle, config.relax.steps, config.relax.batch_size = os.fspath(bundle_dir), 3, 2
     p = personalize.Personalizer.load(config, sd=sd, params=params)
     ids = [3_000_200, 3_000_201, 3_000_202]
     refs = synthetic.render_batch(ids, [0] * 3, ["photo"] * 3, 0, 32)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from conftest import load_config
 
-from hdb_jax import build
+from hdb_jax.blocks import build
 from hdb_jax.data import weights
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -103,8 +103,8 @@ def test_preopt_kill_resume_every_identity_once(tmp_path, tiny_model_dir):
 
 
 def test_duplicated_identity_gets_the_same_targets_anywhere(tmp_path):
-    from hdb_jax import build
-    from hdb_jax import preopt as preopt_lib
+    from hdb_jax.blocks import build
+    from hdb_jax.stages import preopt as preopt_lib
 
     config = load_config("preopt", "tiny")
     config.workdir, config.chunk_size, config.steps = str(tmp_path / "dup"), 2, 5
@@ -132,8 +132,8 @@ def test_duplicated_identity_gets_the_same_targets_anywhere(tmp_path):
 
 def test_frozen_factor_and_several_samples_per_step_keep_targets_a_function_of_the_identity(tmp_path):
     """``a_train`` held at the shared init, two samples per step, and another noise seed."""
-    from hdb_jax import build
-    from hdb_jax import preopt as preopt_lib
+    from hdb_jax.blocks import build
+    from hdb_jax.stages import preopt as preopt_lib
 
     def run(name, identities, noise_seed):
         config = load_config("preopt", "tiny")
@@ -165,7 +165,7 @@ def test_frozen_factor_and_several_samples_per_step_keep_targets_a_function_of_t
 def test_frozen_factors_names_must_exist():
     import pytest
 
-    from hdb_jax import preopt as preopt_lib
+    from hdb_jax.stages import preopt as preopt_lib
 
     tree = {"unet": {"x": {"a_train": jnp.zeros(2), "b_train": jnp.zeros(2)}}}
     with pytest.raises(ValueError, match=r"\['down'\] not among \['a_train', 'b_train'\]"):

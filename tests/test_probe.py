@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hdb_jax import probe
+from hdb_jax.jobs import probe
 
 
 def test_consistency_of_hand_made_runs():

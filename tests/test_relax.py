@@ -8,7 +8,8 @@ import pytest
 from flax import traverse_util
 
 from hdb_jax import adapters as A
-from hdb_jax import export, relax
+from hdb_jax.blocks import relax
+from hdb_jax.formats import lora as export
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 

@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from hdb_jax import adapters as A
-from hdb_jax import images as images_lib
-from hdb_jax import sample as S
+from hdb_jax.blocks import sample as S
+from hdb_jax.common import images as images_lib
+from hdb_jax.jobs import sample as sample_cli
 
 STEPS = 2
 G = 3.0  # guidance scale of the shared samplers
@@ -46,7 +47,7 @@ def cli_run(tmp_path_factory):
     cmd = [
         sys.executable,
         "-m",
-        "hdb_jax.sample",
+        "hdb_jax.blocks.sample",
         "--model",
         "tiny",
         "--prompt",
@@ -252,8 +253,8 @@ def test_sample_pads_batches_and_merged_lora_changes_images(tiny_sd, tiny_params
 
 def test_cli_weights_lidb_and_lora(tiny_sd, tiny_params, tmp_path, monkeypatch):
     """--weights/--basis through ``main`` in-process (the tiny model swapped for the fixture)."""
-    from hdb_jax import personal
     from hdb_jax.adapters import basis as basis_io
+    from hdb_jax.formats import personal
     from hdb_jax.sd.fingerprint import params_fingerprint
 
     def create(kind, component, pattern):
@@ -281,7 +282,7 @@ def test_cli_weights_lidb_and_lora(tiny_sd, tiny_params, tmp_path, monkeypatch):
 
     monkeypatch.setattr(S, "load_model", lambda source: (tiny_sd, tiny_params))
     out = tmp_path / "out"
-    S.main(
+    sample_cli.main(
         [
             "--model",
             "tiny",

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from hdb_jax import checkpoint
+from hdb_jax.common import checkpoint
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -106,7 +106,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     # Exports of the resumed run: personal weights (the checkpoint's values), LoRA file, grid.
     from PIL import Image
 
-    from hdb_jax import personal
+    from hdb_jax.formats import personal
 
     loaded = personal.load_personal(tmp_path / "interrupted" / "personal.safetensors", base_fingerprint=None)
     assert loaded.metadata["basis_hash"] and loaded.metadata["extra"]["steps"] == steps

@@ -7,14 +7,15 @@ from conftest import load_config
 from PIL import Image
 from test_personalize import write_bundle
 
-from hdb_jax import build, sweep
+from hdb_jax.blocks import build
+from hdb_jax.jobs import sweep
 
 
 def test_two_point_sweep_resumes_and_plots(tmp_path):
     config = load_config("sweep", "relax,reduced")
     config.workdir = str(tmp_path)
     _, params = build.base_model(config.personalize.model)
-    config.personalize.hypernet = str(write_bundle(tmp_path / "bundle", params))
+    config.personalize.bundle = str(write_bundle(tmp_path / "bundle", params))
     config.personalize.relax.batch_size = 2
     first = sweep.run(config)
     assert first["computed_now"] == 2 and [p["point"]["x"] for p in first["points"]] == [0, 2]

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from hdb_jax.data import synthetic as S
+from hdb_jax.toy import synthetic as S
 
 
 def _render(i, index=0, res=32, **kw):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from hdb_jax import sample
-from hdb_jax.data import synthetic
+from hdb_jax.blocks import sample
+from hdb_jax.jobs import toy_base as base
 from hdb_jax.sd import loading
-from hdb_jax.toy import base, base_model_dir
+from hdb_jax.toy import base_model_dir, synthetic
 from hdb_jax.toy import identity as identity_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,7 +171,7 @@ def test_shipped_record_is_reproduced_by_the_recipe_code():
     import jax
     import jax.numpy as jnp
 
-    from hdb_jax import diffusion
+    from hdb_jax.blocks import diffusion
 
     record = json.loads((base_model_dir() / "training.json").read_text())
     for key in (

@@ -5,9 +5,9 @@ import pytest
 from conftest import load_config
 
 from hdb_jax.hypernet import bundle
-from hdb_jax.hypernet import train as ht
 from hdb_jax.sd import loading
 from hdb_jax.sd.fingerprint import params_fingerprint
+from hdb_jax.stages import hypernet as ht
 from hdb_jax.toy import base_model_dir, hypernet_dir
 
 pytestmark = pytest.mark.skipif(
@@ -49,7 +49,7 @@ def test_heldout_losses_are_reproduced_by_the_training_code(shipped):
 def test_recorded_heldout_r2_is_reproduced_on_the_shipped_subset(shipped):
     import json
 
-    from hdb_jax import tensorfile
+    from hdb_jax.common import tensorfile
     from hdb_jax.data import identities as identities_lib
     from hdb_jax.hypernet import data as hdata
 

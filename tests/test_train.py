@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from hdb_jax import build, subject
+from hdb_jax.blocks import build
+from hdb_jax.stages import subject
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -84,7 +85,7 @@ def test_unknown_config_key_is_named(args, named):
         cwd=ROOT,
         env={k: v for k, v in os.environ.items() if k != "HDB_DEBUG"},
     )
-    # One ``error:`` line naming the key, knob or file, exit code 2, no traceback (hdb_jax.cli).
+    # One ``error:`` line naming the key, knob or file, exit code 2, no traceback (hdb_jax.jobs.cli).
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: ") and named in lines[-1], proc.stderr[-2000:]

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from hdb_jax import tensorfile
+from hdb_jax.common import tensorfile
 
 FORMAT = "hdb_jax.lidb_basis"
 Tree = Mapping[str, Mapping[str, np.ndarray]]
@@ -37,7 +37,7 @@ def _flatten(tree: Tree) -> dict[str, np.ndarray]:
 
 
 def basis_hash(tree: Tree) -> str:
-    """:func:`hdb_jax.tensorfile.content_hash` of the bases as they are stored."""
+    """:func:`hdb_jax.common.tensorfile.content_hash` of the bases as they are stored."""
     return tensorfile.content_hash(_flatten(tree))
 
 

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from hdb_jax.images import to_unit_range
+from hdb_jax.common.images import to_unit_range
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # a GIF is read at its first frame
 MIN_SIZE = 64  # default smallest accepted short side, pixels

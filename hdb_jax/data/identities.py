@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from hdb_jax.data import folder as folder_lib
-from hdb_jax.data import synthetic
+from hdb_jax.toy import synthetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +169,7 @@ def from_config(data: Any, resolution: int, identities: Sequence[Any] | None = N
     if source == "tfds":
         from hdb_jax.data import tfds_source
 
-        return tfds_source.identities(data, resolution, identities)
+        return ArrayIdentities(tfds_source.example_views(data, resolution, identities))
     raise ValueError(f"config.data.source={source!r}: choose 'synthetic', 'folder' or 'tfds'")
 
 

@@ -199,8 +199,8 @@ def tfds_images(
     return iter(tfds.as_numpy(ds))
 
 
-def identities(data, resolution: int, wanted=None):
-    """A TFDS image dataset as an identity source: every example is one identity with one view.
+def example_views(data, resolution: int, wanted=None) -> dict:
+    """A TFDS image dataset as identities: every example is one identity with one view.
 
     That is how HyperDreamBooth reads CelebA-HQ (15K images, each its own identity). Examples
     are read in file order (no shuffle), so identity ``i`` is always example ``i``; the first
@@ -213,10 +213,10 @@ def identities(data, resolution: int, wanted=None):
       wanted: keep only these identities (example indices).
 
     Returns:
-      An :class:`hdb_jax.data.identities.ArrayIdentities`.
+      ``{example index: uint8 views [1, resolution, resolution, 3]}``, what
+      :class:`hdb_jax.data.identities.ArrayIdentities` holds.
     """
-    from hdb_jax.data.identities import ArrayIdentities
-    from hdb_jax.images import to_uint8
+    from hdb_jax.common.images import to_uint8
 
     count = int(data["count"])
     batches = tfds_images(
@@ -237,4 +237,4 @@ def identities(data, resolution: int, wanted=None):
         if len(images) >= count:
             break
     keep = range(len(images[:count])) if wanted is None else [int(i) for i in wanted]
-    return ArrayIdentities({i: images[i][None] for i in keep})
+    return {i: images[i][None] for i in keep}

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from hdb_jax import tensorfile
+from hdb_jax.common import tensorfile
 
 FORMAT = "hdb_jax.preopt_chunk"
 VERSION = 2

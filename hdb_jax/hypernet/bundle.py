@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdb_jax import tensorfile
 from hdb_jax.adapters import basis as basis_io
 from hdb_jax.adapters.core import Adapter
 from hdb_jax.adapters.kinds import LiDB
+from hdb_jax.common import tensorfile
 from hdb_jax.hypernet import decoder as dec
 from hdb_jax.hypernet.model import HyperNetwork, abstract_params, build_hypernet
 

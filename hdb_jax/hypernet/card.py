@@ -1,6 +1,6 @@
 """The model card of a hypernetwork bundle, written from the training config and measured figures.
 
-Every number comes from :func:`hdb_jax.hypernet.train.train`'s own measurements (the bundle's
+Every number comes from :func:`hdb_jax.stages.hypernet.train`'s own measurements (the bundle's
 ``extra``); nothing is typed by hand.
 """
 
@@ -73,7 +73,7 @@ def _target_lines(targets: Mapping[str, Any] | None) -> list[str]:
 
 def model_card(config: ml_collections.ConfigDict, extra: Mapping[str, Any], base_model: str) -> str:
     """Markdown card for the bundle trained with ``config``; ``extra`` is what the bundle records."""
-    h, loss, o, d = config.hypernet, config.loss, config.optim, config.data
+    h, loss, o, d = config.net, config.loss, config.optim, config.data
     held = extra.get("heldout") or {}
     lidb = config.adapter.lidb
     lines = [
@@ -81,7 +81,7 @@ def model_card(config: ml_collections.ConfigDict, extra: Mapping[str, Any], base
         "",
         f"A HyperDreamBooth hypernetwork for the base model `{base_model}`: one reference image in, LiDB",
         f"weights (a={lidb.a}, b={lidb.b}, rank {lidb.rank}) for every adapted layer out. Load it with",
-        "`hdb_jax.personalize.Personalizer.load` (it refuses another base model or adapter layout).",
+        "`hdb_jax.stages.personalize.Personalizer.load` (it refuses another base model or adapter layout).",
         "",
         "## Recipe",
         f"- Encoder: `{h.encoder}` ({'trained' if h.train_encoder else 'frozen'}); decoder {h.num_blocks} "

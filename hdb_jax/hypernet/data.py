@@ -3,7 +3,7 @@
 Batches are a pure function of ``(seed, step)``: an epoch-wise permutation of the training
 identities, and per row two view indices -- the image the hypernetwork sees and the image the
 UNet denoises (the same one, as in the paper, or another view of the identity). Each process
-renders or reads only the rows its devices hold (:func:`hdb_jax.sharding.global_batch`).
+renders or reads only the rows its devices hold (:func:`hdb_jax.common.sharding.global_batch`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from hdb_jax import images
+from hdb_jax.common import images
 from hdb_jax.data import weights as weights_lib
 from hdb_jax.hypernet import decoder as dec
 

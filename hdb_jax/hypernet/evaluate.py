@@ -2,7 +2,7 @@
 check, the targets' provenance, and the in-run validation grid.
 
 Every figure of a bundle's card comes from here or from the training loop (see
-:mod:`hdb_jax.hypernet.card`); ``s`` is the :class:`hdb_jax.hypernet.train.Setup` of the run.
+:mod:`hdb_jax.hypernet.card`); ``s`` is the :class:`hdb_jax.stages.hypernet.Setup` of the run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdb_jax import adapters as A
-from hdb_jax import images
+from hdb_jax.blocks import build
+from hdb_jax.common import images
 from hdb_jax.data import identities as identities_lib
 from hdb_jax.data import weights as weights_lib
 from hdb_jax.hypernet import data as hdata
@@ -33,9 +34,8 @@ def evaluate_heldout(config, sd, net, adapters_, params, basis, hyper_params) ->
     if not ids:
         return out
     views = config.data.heldout_views
-    refs, others = hdata.heldout_views(
-        identities_lib.from_config(config.data, config.model.resolution, ids), ids, views
-    )
+    res = build.resolution(config.model, sd)
+    refs, others = hdata.heldout_views(identities_lib.from_config(config.data, res, ids), ids, views)
     prompt = np.asarray(sd.tokenize([config.data.prompt]))[0]
     frozen = {
         "params": params,
@@ -52,9 +52,9 @@ def evaluate_heldout(config, sd, net, adapters_, params, basis, hyper_params) ->
         jax.random.PRNGKey(config.seed + 7),
     )
     out.update(predicted=float(predicted), zero=float(zero), identities=len(ids), views=views)
-    if config.data.get("heldout_preopt_dir"):
+    if config.data.heldout_preopt_dir:
         held_ids, held_tokens = hdata.targets(config.data.heldout_preopt_dir, adapters_, None)
-        held = identities_lib.from_config(config.data, config.model.resolution, held_ids)
+        held = identities_lib.from_config(config.data, res, held_ids)
         held_refs = hdata.reference_views(held, held_ids)
         pred = hdata.predict_tokens(net, hyper_params, held_refs)
         out["r2"] = r_squared(pred, held_tokens, net.kind)
@@ -64,14 +64,12 @@ def evaluate_heldout(config, sd, net, adapters_, params, basis, hyper_params) ->
 
 def validation(config, sd, s, params, frozen):
     """In-run validation: held-out references (top row) and "a sks face" sampled with the prediction."""
-    from hdb_jax import sample
+    from hdb_jax.blocks import sample
 
     ids = list(config.data.heldout)[:4]
     if not ids:
         return None
-    refs, _ = hdata.heldout_views(
-        identities_lib.from_config(config.data, config.model.resolution, ids), ids, 1
-    )
+    refs, _ = hdata.heldout_views(identities_lib.from_config(config.data, s.resolution, ids), ids, 1)
     basis = jax.device_get(frozen["basis"])
 
     def validate(state, step):
@@ -88,7 +86,7 @@ def validation(config, sd, s, params, frozen):
                     merged,
                     [config.data.prompt],
                     [0],
-                    num_steps=config.get("validate_sample_steps", 20),
+                    num_steps=config.validate_sample_steps,
                     guidance_scale=3.0,
                     batch_size=1,
                     progress=False,
@@ -112,11 +110,11 @@ def display_path(source: str) -> str:
 
 def heldout_check(config, s, hyper_params, count: int = 8) -> dict | None:
     """The first ``count`` held-out identities' targets and the bundle's R² on them."""
-    if not config.data.get("heldout_preopt_dir"):
+    if not config.data.heldout_preopt_dir:
         return None
     ids, tokens = hdata.targets(config.data.heldout_preopt_dir, s.adapters, None)
     ids, tokens = ids[:count], np.asarray(tokens[:count], np.float32)
-    held = identities_lib.from_config(config.data, config.model.resolution, ids)
+    held = identities_lib.from_config(config.data, s.resolution, ids)
     refs = hdata.reference_views(held, ids)
     r2 = r_squared(hdata.predict_tokens(s.net, hyper_params, refs), tokens, s.net.kind)
     return {
@@ -133,7 +131,7 @@ def target_record(config) -> dict | None:
     record: dict[str, Any] = {
         "datasets": [weights_lib.settings(p) for p in str(config.data.preopt_dir).split(",") if p]
     }
-    if config.data.target_probe:  # a probe.json of hdb_jax.probe on the same stage-1 recipe
+    if config.data.target_probe:  # a probe.json of hdb_jax.jobs.probe on the same stage-1 recipe
         probe = json.loads(Path(config.data.target_probe).read_text())
         keys = (
             "identities",

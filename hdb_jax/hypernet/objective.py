@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from hdb_jax import adapters as A
-from hdb_jax import diffusion
+from hdb_jax.blocks import diffusion
 from hdb_jax.hypernet import decoder as dec
 from hdb_jax.hypernet import encoder as enc
 from hdb_jax.hypernet.model import HyperNetwork

@@ -1,7 +1,7 @@
 """The toy world: a small base model and identity encoder trained on synthetic faces, shipped with the package.
 
 Without network access there is no pretrained Stable Diffusion, so personalisation is checked in a
-small world: an SD-family model trained from scratch on procedural faces (:mod:`hdb_jax.toy.base`)
+small world: an SD-family model trained from scratch on procedural faces (:mod:`hdb_jax.jobs.toy_base`)
 and an identity encoder that scores generated faces (:mod:`hdb_jax.toy.identity`). Both ship in
 ``hdb_jax/toy/weights/`` with a model card; the base model is a diffusers-format directory read by
 the same loader as SD 1.5.

@@ -4,15 +4,15 @@ The paper scores subject fidelity (DINO, CLIP-I: does the sample show the subjec
 and prompt fidelity (CLIP-T: does it show what the prompt asked?). In the synthetic world a
 small CNN trained on the generator's own labels reads those attributes from an image:
 
-* identity attributes (:data:`hdb_jax.data.synthetic.IDENTITY_LABELS`): hat, glasses, earrings,
+* identity attributes (:data:`hdb_jax.toy.synthetic.IDENTITY_LABELS`): hat, glasses, earrings,
   hair colour and style, eye colour, skin tone, shirt colour;
-* image attributes (:data:`hdb_jax.data.synthetic.IMAGE_LABELS`): style and background colour;
+* image attributes (:data:`hdb_jax.toy.synthetic.IMAGE_LABELS`): style and background colour;
 * ``face``: the probability that the image is a face at all (trained against flat colours,
   smoothed noise and block-shuffled renders), for the fraction of non-face samples;
 * its pooled features (``features``), the space the k-NN precision/recall of samples against
   real renders is measured in (the classifier sees every style, the identity encoder does not).
 
-Weights ship in ``hdb_jax/toy/weights/attributes`` (trained by :mod:`hdb_jax.toy.attributes_train`).
+Weights ship in ``hdb_jax/toy/weights/attributes`` (trained by :mod:`hdb_jax.jobs.toy_attributes`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdb_jax.data import synthetic
-from hdb_jax.images import to_unit_range
-from hdb_jax.toy import store
+from hdb_jax.common.images import to_unit_range
+from hdb_jax.toy import store, synthetic
 
 SHIPPED_DIR = pathlib.Path(__file__).parent / "weights" / "attributes"
 FORMAT = "hdb_jax.toy_attributes"
@@ -97,7 +96,7 @@ class AttributeScorer:
         return logits, np.concatenate([np.asarray(o[1]) for o in outs])
 
     def predict(self, images) -> dict[str, np.ndarray]:
-        """``{label: predicted class [B]}`` for every :data:`hdb_jax.data.synthetic.LABELS` entry,
+        """``{label: predicted class [B]}`` for every :data:`hdb_jax.toy.synthetic.LABELS` entry,
         and ``face``: the probability ``[B]`` that the image is a face."""
         logits, _ = self._run(images)
         out = {k: np.argmax(v, axis=-1) for k, v in logits.items() if k != "face"}

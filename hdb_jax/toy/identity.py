@@ -1,7 +1,7 @@
 """A toy identity encoder: embeds *who* a synthetic face is, not *how* it was drawn.
 
 The paper scores identity preservation with a face-recognition network (cosine similarity of
-embeddings). In the synthetic-faces world (:mod:`hdb_jax.data.synthetic`) a small CNN plays that
+embeddings). In the synthetic-faces world (:mod:`hdb_jax.toy.synthetic`) a small CNN plays that
 role. It is trained with a supervised contrastive loss: each batch holds several renders of each
 of a few identities (fresh pose, expression, lighting, background, photo or cartoon style), and
 renders of one identity must embed closer to each other than to any other render. An auxiliary
@@ -11,7 +11,7 @@ geometry) from the pooled features.
 The trained encoder ships in ``hdb_jax/toy/weights/identity`` (``config.json`` +
 ``params.safetensors``); :func:`load` reads it into an :class:`IdentityScorer` and
 :func:`identity_similarity` scores images against a reference with it. Its training job is
-:mod:`hdb_jax.toy.identity_train`.
+:mod:`hdb_jax.jobs.toy_identity`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdb_jax.data import synthetic
-from hdb_jax.images import to_unit_range
-from hdb_jax.toy import store
+from hdb_jax.common.images import to_unit_range
+from hdb_jax.toy import store, synthetic
 
 SHIPPED_DIR = pathlib.Path(__file__).parent / "weights" / "identity"
 FORMAT = "hdb_jax.toy_identity"

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdb_jax import tensorfile
+from hdb_jax.common import tensorfile
 
 CONFIG_NAME, PARAMS_NAME = "config.json", "params.safetensors"
 

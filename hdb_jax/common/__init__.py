@@ -1,0 +1,1 @@
+"""Low-level utilities every layer uses: images, safetensors files, checkpoints, metrics, meshes."""

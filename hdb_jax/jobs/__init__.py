@@ -1,0 +1,1 @@
+"""Jobs: command lines and the runs that compose stages (main job, sweeps, probe, toy trainers)."""
