@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint format venv venv-test clean
+.PHONY: demo test test-slow lint format venv venv-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ demo: venv
 	$(PY) -m hdb_jax.train --config configs/demo.py
 
 test: venv-test lint
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
+
+# The tests marked slow (the reduced SD 1.5 scale benchmark, ~7 minutes on 2 cores).
+test-slow: venv-test
+	$(PY) -m pytest -q -m slow tests
 
 # One formatter and one linter; `make test` (and so CI) fails on unformatted or lint-failing code.
 lint: venv-test

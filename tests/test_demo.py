@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import cli_env
 from PIL import Image
 
 from hdb_jax.eval import report as report_lib
@@ -19,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_reduced_demo_writes_every_row_and_column(tmp_path):
     workdir = tmp_path / "demo"
     # One CPU device, as a user runs it (the suite's 8 fake devices would not divide its chunks).
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = cli_env(devices=1)
     cmd = [sys.executable, "-m", "hdb_jax.train", "--config", "configs/demo.py:reduced"]
     cmd.append(f"--config.workdir={workdir}")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500, env=env)

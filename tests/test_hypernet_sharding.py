@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import cli_env, load_config
 from jax.sharding import PartitionSpec as P
 
 from hdb_jax.blocks import build
@@ -170,17 +170,12 @@ def _cmd(workdir, extra=()):
 
 
 def test_two_processes_match_one(tmp_path):
-    env8 = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        HDB_DISTRIBUTED="0",
-        PYTHON=sys.executable,
-    )
+    env8 = cli_env(8, HDB_DISTRIBUTED="0", PYTHON=sys.executable)
     single = subprocess.run(_cmd(tmp_path / "one"), cwd=ROOT, env=env8, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-3000:]
 
     port = _free_port()
-    env4 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env4 = cli_env(4)
     procs = [
         subprocess.Popen(
             _cmd(

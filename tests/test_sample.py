@@ -47,7 +47,7 @@ def cli_run(tmp_path_factory):
     cmd = [
         sys.executable,
         "-m",
-        "hdb_jax.blocks.sample",
+        "hdb_jax.sample",
         "--model",
         "tiny",
         "--prompt",
@@ -280,7 +280,7 @@ def test_cli_weights_lidb_and_lora(tiny_sd, tiny_params, tmp_path, monkeypatch):
         basis_hash=digest,
     )
 
-    monkeypatch.setattr(S, "load_model", lambda source: (tiny_sd, tiny_params))
+    monkeypatch.setattr(sample_cli, "load_model", lambda source: (tiny_sd, tiny_params))
     out = tmp_path / "out"
     sample_cli.main(
         [

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import cli_env
 
 from hdb_jax.common import checkpoint
 
@@ -29,7 +30,7 @@ def _cli(workdir, model_dir, kind, steps, *extra, wait=True):
         "--config.export.sample_prompts=()",
         *extra,
     ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = cli_env(PYTHONUNBUFFERED="1")
     if not wait:
         return subprocess.Popen(
             args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
