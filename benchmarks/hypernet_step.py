@@ -26,36 +26,7 @@ Run (from the repository root):
   python benchmarks/hypernet_step.py                       # the defaults: ~9 min on 2 busy cores
   python benchmarks/hypernet_step.py --sizes tiny --devices 1,8 --steps 6
 
-Measured 2026-11-22 01:28-01:37 with ``python benchmarks/hypernet_step.py`` (defaults: sizes
-tiny,medium, devices 1,2,4,8, batch 8, 8 timed steps in 2 blocks, 1 warmup step per block); jax
-0.10.2, CPU, 2 cores (Intel Xeon) shared with other jobs: load average 5.02 / 5.17 / 5.13 at the
-start and 5.80 / 5.38 / 5.30 at the end, i.e. ~2.5 runnable threads per core throughout, so
-every number is noisy (compare the median with the min; ratios moved by ~0.1 between runs)::
-
-  section      size    variant       compile s temp MiB  median ms   min ms samples/s  ratio
-  ------------------------------------------------------------------------------------------
-  formulation  tiny    ours               42.8       97      206.3    187.8     38.77   1.03
-  formulation  tiny    merged             42.6       98      200.5    187.6     39.90   1.00
-  formulation  medium  ours               58.4      658     1921.0   1733.0      4.16   0.82
-  formulation  medium  merged             63.2      684     2329.9   2063.6      3.43   1.00
-  devices      tiny    ours, 1 dev        42.8       97      256.0    192.0     31.25   1.00
-  devices      tiny    ours, 2 dev        58.1       50      268.8    151.0     29.76   1.05
-  devices      tiny    ours, 4 dev        58.2       25      260.1    152.1     30.76   1.02
-  devices      tiny    ours, 8 dev        60.8       14      465.6    424.7     17.18   1.82
-
-  same numbers: tiny loss 1.317402 / grad_norm 0.112132, rel diff 0.0; medium loss 1.285578 /
-  grad_norm 0.371749, rel diff 8e-8; across the four meshes rel diff 4.7e-7.
-
-Reading: at the tiny size (40 weight tokens, 16x16 latents) the two formulations cost the same
-within noise (three earlier runs gave ours/merged 0.93, 0.95 and 0.98).
-At the medium size (64 tokens, 32x32 latents) per-sample activation-space adapters are ~10-25 %
-faster: ratio 0.82 here, 0.89 in an earlier full run and 0.75 in a 2-step run; compile time and
-temporary memory are about equal. The 1-device row of the devices block is the same compiled
-program as "formulation tiny ours" (timed again in its own block, hence another median). On fake
-devices 1, 2 and 4 devices cost about the same per step and 8 about 1.6-1.8x (1.45x with 2 steps
-earlier); with 8 one-sample shards on 2 real cores, per-device dispatch and the gradient
-all-reduce presumably dominate (not profiled). Fake devices share the real cores, so this is the
-sharded program's overhead, not a multi-device speed-up.
+The last recorded run, with its machine, load and reading, is in ``benchmarks/results/hypernet_step.md``.
 """
 
 from __future__ import annotations

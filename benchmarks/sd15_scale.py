@@ -15,14 +15,11 @@ time, the compile time the stage prints and the child's peak RSS (``os.wait4``'s
    UNet and one text-encoder forward on fixed inputs, compared with our merged model.
 
 Step seconds come from the loop's ``steps_per_s`` in each run's TensorBoard files (the last step
-is the steady one) or, for pre-optimisation, the chunk's seconds over its steps (an upper bound:
-it includes the chunk's final evaluation). Compiles are cold (no persistent compilation cache).
-SD 1.5's real tokenizer is not available offline, so the directory carries our tiny BPE tokenizer
-(``hdb_jax.sd.vocab.tiny_tokenizer``); SD 1.5's text encoder config is kept as released: its
-49408-row embedding covers every tiny-vocabulary id, and its bos/eos ids only affect the pooled
-output, which Stable Diffusion does not use. Batches are ``--batch`` (default 1) for the subject
-run, the hypernetwork and the finetune, and two identities in one pre-optimisation chunk: every
-network has SD 1.5's shapes at 512 px, the batches are what a CPU host holds. Tensors that random
+is the steady one), for pre-optimisation from the chunk's seconds over its steps (an upper bound).
+Compiles are cold (no persistent compilation cache). SD 1.5's tokenizer is not available offline:
+the directory carries our tiny BPE tokenizer, whose ids SD 1.5's 49408-row text embedding covers.
+Batches are ``--batch`` (default 1) for the subject run, the hypernetwork and the finetune, two
+identities for pre-optimisation: every network has SD 1.5's shapes at 512 px. Tensors that random
 init leaves at exactly zero (biases) get small normal values, so no path is off.
 
 Run (from the repository root; needs torch, diffusers and peft):

@@ -80,3 +80,26 @@ def load_config(name: str, arg: str | None = None):
     from hdb_jax.jobs import config_lib
 
     return config_lib.load(os.path.join(CONFIGS, f"{name}.py"), arg)
+
+
+# The longest test files, longest first (serial durations on 2 cores). `make test` runs files in
+# two processes (`-n 2 --dist loadfile`), which take files in collection order: starting the long
+# ones first keeps one of them from starting last and running alone at the end.
+LONGEST_FIRST = (
+    "test_demo.py",
+    "test_hypernet_sharding.py",
+    "test_hypernet_learns.py",
+    "test_subject.py",
+    "test_preopt.py",
+    "test_toy_base.py",
+    "test_personalize.py",
+    "test_baselines.py",
+    "test_notebook.py",
+    "test_identity_sources.py",
+    "test_sweep.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise

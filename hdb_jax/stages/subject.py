@@ -1,16 +1,13 @@
-"""Personalise one subject: DreamBooth-style adapter training, resumable, with export.
+"""Personalise one subject: DreamBooth-style training of adapters, a whole UNet or one token, resumable.
 
-The stage behind the ``subject`` job (:mod:`hdb_jax.jobs.subject`,
-``python -m hdb_jax.train --config configs/subject.py:tiny,adapter=lidb``):
+The stage of the ``subject`` job (:mod:`hdb_jax.jobs.subject` builds the base model and exports):
 
 1. load the subject images (a folder of photos, or renders of one synthetic identity) and,
    optionally, class images for the prior-preservation loss -- all validated before any compile;
-2. build or load the base model, attach the adapter (LoRA, LiDB, Kronecker or residual) to the
-   configured layers, and restore the latest checkpoint if the run directory has one;
+2. attach the adapter (LoRA, LiDB, Kronecker or residual) to the configured layers of the given
+   base model, and restore the latest checkpoint if the run directory has one;
 3. run the jitted, donated ``train_step(state, frozen, batch, rng)`` in the shared loop
-   (:mod:`hdb_jax.blocks.loop`): checkpoints, SIGTERM saves, TensorBoard scalars and a validation grid;
-4. the job then exports the personal weights file, a standard LoRA file where the kind allows, and
-   a sample grid.
+   (:mod:`hdb_jax.blocks.loop`): checkpoints, SIGTERM saves, TensorBoard scalars and a validation grid.
 
 Batches are a pure function of ``(seed, step)``, so an interrupted run that resumes from a
 checkpoint sees exactly the data an uninterrupted run would have seen.
