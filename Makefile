@@ -24,7 +24,7 @@ demo: venv
 	$(PY) -m hdb_jax.train --config configs/demo.py
 
 test: venv-test lint
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 # The tests marked slow (the reduced SD 1.5 scale benchmark, ~7 minutes on 2 cores).
 test-slow: venv-test

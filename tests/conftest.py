@@ -83,8 +83,9 @@ def load_config(name: str, arg: str | None = None):
 
 
 # The longest test files, longest first (serial durations on 2 cores). `make test` runs files in
-# two processes (`-n 2 --dist loadfile`), which take files in collection order: starting the long
-# ones first keeps one of them from starting last and running alone at the end.
+# two processes (`-n 2 --dist loadfile --no-loadscope-reorder`: files go out in collection order,
+# not xdist's default of most tests first): starting the long ones first keeps one of them from
+# starting last and running alone at the end.
 LONGEST_FIRST = (
     "test_demo.py",
     "test_hypernet_sharding.py",
