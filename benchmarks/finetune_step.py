@@ -61,20 +61,34 @@ step (~60 ms/step profiled, medium); exact-erf GELU (``model.exact_geglu``) prof
 ~9 ms/step (tiny) vs torch's 2.5; GroupNorm/LayerNorm run as several XLA reductions. None of
 these is attention.
 
+On a GPU (``--device cuda --dtype bfloat16 --configs sd15``; ``benchmarks/gpu.sh`` runs it): ``sd15``
+is SD 1.5's own UNet config (``model.sd15_configs()["unet"]``: 320-1280 channels, 8 heads,
+cross-attention width 768) at its 64x64 latents with 77x768 context, random weights. Ours: JAX on
+its default (GPU) backend, the UNet computing in bfloat16 with its frozen weights stored in
+bfloat16, the model's default attention (``auto``: ``jax.nn.dot_product_attention``, cuDNN where
+it applies). torch: the UNet built on the GPU and cast to bfloat16, peft's LoRA factors cast back
+to float32 (as diffusers' ``cast_training_params``), forward under ``torch.autocast(bfloat16)``,
+SDPA. Both LoRA trees and AdamW states are float32 and both run in one process (JAX's
+preallocation off, so torch gets memory too); a step ends when its loss reaches the host.
+``--json`` appends every row to a JSON file. No GPU figure has been recorded yet.
+
 Run: ``python benchmarks/finetune_step.py [--cores 1,2] [--configs tiny,medium]
-[--attention flash:128,chunked] [--steps 12]``.
+[--attention flash:128,chunked] [--steps 12]``; on a GPU ``python benchmarks/finetune_step.py
+--device cuda --dtype bfloat16 --configs sd15 --steps 10 --json gpu_finetune_step.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import time
 
-CONFIGS = {"tiny": (32, 64), "medium": (64, 128, 256)}
+CONFIGS = {"tiny": (32, 64), "medium": (64, 128, 256), "sd15": None}  # None: SD 1.5's own UNet config
+LATENT = {"sd15": 64}  # default latent side per config (others: 32)
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 # Backs glibc's large mmap'd blocks with transparent huge pages (kernel THP mode "madvise").
 # XLA:CPU allocates its temporaries afresh on every call; with 4 KiB pages every step then
@@ -87,11 +101,11 @@ def _cores() -> int:
 
 
 # -------------------------------------------------------------------- ours
-def build_jax_step(channels, *, batch, latent, attention, chunk, remat=None, seed=0):
+def build_jax_step(channels, *, batch, latent, attention, chunk, remat=None, seed=0, dtype="float32"):
     """Our UNet-only adapter step (same structure as ``hdb_jax.stages.subject.make_train_step``).
 
     Args:
-      channels: the UNet's ``block_out_channels``.
+      channels: the UNet's ``block_out_channels`` (tiny configs), or None: SD 1.5's UNet.
       batch: samples per step.
       latent: latent side (the UNet sees ``[batch, 4, latent, latent]``).
       attention: the attention implementation (:mod:`hdb_jax.sd.attention`).
@@ -99,6 +113,7 @@ def build_jax_step(channels, *, batch, latent, attention, chunk, remat=None, see
       remat: None, or the name of a ``jax.checkpoint_policies`` policy to rematerialise the
         whole UNet with.
       seed: PRNG seed of the weights and inputs.
+      dtype: the UNet's computation dtype; its (frozen) weights are stored in it too.
 
     Returns:
       ``(run, compile_seconds, configs)``: ``run()`` performs one step and blocks on its loss.
@@ -109,13 +124,26 @@ def build_jax_step(channels, *, batch, latent, attention, chunk, remat=None, see
 
     from hdb_jax import adapters as A
     from hdb_jax.blocks import diffusion
+    from hdb_jax.sd import model
     from hdb_jax.sd import tiny as tiny_lib
 
-    sd = tiny_lib.tiny(
-        resolution=2 * latent, unet_channels=channels, attention=attention, attention_chunk=chunk
-    )
-    key = jax.random.PRNGKey(seed)
-    params = sd.init_params(key, resolution=2 * latent)["unet"]
+    key, dtype = jax.random.PRNGKey(seed), jnp.dtype(dtype)
+    if channels is None:  # drawn on the host: seconds, where compiling SD 1.5's init takes longer
+        sd = model.StableDiffusion.from_configs(
+            model.sd15_configs(), name="sd15", dtype=dtype, attention=attention, attention_chunk=chunk
+        )
+        params = sd.random_params(key)["unet"]
+    else:
+        sd = tiny_lib.tiny(
+            resolution=2 * latent,
+            unet_channels=channels,
+            attention=attention,
+            attention_chunk=chunk,
+            dtype=dtype,
+        )
+        params = sd.init_params(key, resolution=2 * latent)["unet"]
+    if dtype != jnp.float32:
+        params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
     adapter = A.Adapter.create(A.LoRA(rank=4, alpha=4), params, [A.PATTERNS["unet_attention"]], "unet")
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=1e-2))
     sched_state = sd.noise_scheduler.create_state()
@@ -157,29 +185,43 @@ def build_jax_step(channels, *, batch, latent, attention, chunk, remat=None, see
 
 
 # -------------------------------------------------------------------- PyTorch
-def build_torch_step(configs, *, batch, latent, seed=0):
+def build_torch_step(configs, *, batch, latent, seed=0, device="cpu", dtype="float32"):
     """diffusers ``UNet2DConditionModel`` + peft LoRA as diffusers' DreamBooth LoRA script does."""
+    import contextlib
+
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
 
     torch.manual_seed(seed)
     strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    unet = UNet2DConditionModel(**strip(configs["unet"]))
+    with torch.device(device):  # built where it runs (SD 1.5's 860 M weights never touch the host)
+        unet = UNet2DConditionModel(**strip(configs["unet"]))
     unet.requires_grad_(False)
+    low = getattr(torch, dtype) if dtype != "float32" else None
+    if low is not None:
+        unet.to(dtype=low)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGETS))
     unet.train()
     lora = [p for p in unet.parameters() if p.requires_grad]
+    for p in lora:  # peft makes them in the base layer's dtype; they train in float32, as ours
+        p.data = p.data.float()
     optimizer = torch.optim.AdamW(lora, lr=1e-4, weight_decay=1e-2)
     scheduler = DDPMScheduler(**strip(configs["scheduler"]))
-    latents = torch.randn(batch, 4, latent, latent)
-    context = torch.randn(batch, 77, configs["unet"]["cross_attention_dim"])
+    latents = torch.randn(batch, 4, latent, latent, device=device, dtype=low)
+    context = torch.randn(batch, 77, configs["unet"]["cross_attention_dim"], device=device, dtype=low)
+    autocast = (
+        (lambda: torch.autocast(torch.device(device).type, dtype=low))
+        if low is not None
+        else contextlib.nullcontext
+    )
 
     def run():
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        pred = unet(noisy, timesteps, context).sample
+        with autocast():
+            pred = unet(noisy, timesteps, context).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lora, 1.0)
@@ -231,8 +273,10 @@ def run_child(args) -> None:
     specs = args.attention.split(",") if args.attention else [attention_lib.DEFAULT_IMPLEMENTATION]
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
+    if args.device == "cuda" and jax.default_backend() != "gpu":
+        sys.exit(f"--device cuda: JAX's default backend is {jax.default_backend()!r}, not a GPU")
     print(
-        f"--- {args.cores} core(s): jax {jax.__version__} ({jax.devices()[0].platform}), "
+        f"--- {args.cores} core(s): jax {jax.__version__} ({jax.devices()[0].device_kind}), {args.dtype}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, load average {load}",
         flush=True,
@@ -241,24 +285,30 @@ def run_child(args) -> None:
         import torch
 
         torch.set_num_threads(args.cores)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+        where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        print(f"torch {torch.__version__} on {where}, {torch.get_num_threads()} threads", flush=True)
+    rows = []
     for name in args.configs.split(","):
-        channels = CONFIGS[name]
-        runs, configs = {}, None
+        channels, latent = CONFIGS[name], args.latent or LATENT.get(name, 32)
+        runs, configs, compiled = {}, None, {}
         for spec in specs:
             impl, chunk = _parse_attention(spec, attention_lib.DEFAULT_CHUNK)
             run, compile_s, configs = build_jax_step(
                 channels,
                 batch=args.batch,
-                latent=args.latent,
+                latent=latent,
                 attention=impl,
                 chunk=chunk,
                 remat=args.remat,
+                dtype=args.dtype,
             )
-            runs[f"ours[{impl}:{chunk}]"] = run
-            print(f"{name} {channels}: ours[{impl}:{chunk}] compiled in {compile_s:.1f}s", flush=True)
+            label = f"ours[{attention_lib.resolve(impl)}:{chunk}]"  # auto: what it means here
+            runs[label], compiled[label] = run, compile_s
+            print(f"{name} {channels}: {label} compiled in {compile_s:.1f}s", flush=True)
         if not args.no_torch:
-            runs["torch"] = build_torch_step(configs, batch=args.batch, latent=args.latent)
+            runs["torch"] = build_torch_step(
+                configs, batch=args.batch, latent=latent, device=args.device, dtype=args.dtype
+            )
         times, cpu = time_blocks(runs, warmup=args.warmup, steps=args.steps, blocks=args.blocks)
         torch_ms = 1e3 * statistics.median(times["torch"]) if "torch" in times else None
         for label, ts in times.items():
@@ -270,6 +320,18 @@ def run_child(args) -> None:
             if torch_ms and label != "torch":
                 line += f"  ours/torch {ms / torch_ms:.2f} (min {min(ts) / min(times['torch']):.2f})"
             print(line, flush=True)
+            rows.append(
+                dict(config=name, label=label, cores=args.cores, device=args.device, dtype=args.dtype,
+                     batch=args.batch, latent=latent, compile_s=compiled.get(label), median_ms=ms,
+                     min_ms=1e3 * min(ts), cpu_ms=1e3 * cpu[label], steps=len(ts),
+                     ratio=ms / torch_ms if torch_ms and label != "torch" else None)
+            )  # fmt: skip
+    if args.json:  # one child per core count: each appends its rows
+        found = json.load(open(args.json)) if os.path.exists(args.json) else {"rows": []}
+        found.update(jax=jax.__version__, device_kind=jax.devices()[0].device_kind)
+        found["rows"] += rows
+        with open(args.json, "w") as f:
+            json.dump(found, f, indent=1)
 
 
 def main(argv=None) -> None:
@@ -284,13 +346,18 @@ def main(argv=None) -> None:
         help="comma list of core counts, each run in its own process",
     )
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--latent", type=int, default=32, help="latent side (32: 32x32 latents)")
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default 32; sd15: 64)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per block")
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12, help="timed steps per side")
     parser.add_argument("--remat", default=None, help="a jax.checkpoint_policies name for the UNet")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-thp", action="store_true", help=f"do not set GLIBC_TUNABLES={THP_TUNABLE}")
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="cuda: both sides on the GPU"
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--json", help="append every result row to this JSON file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -300,6 +367,10 @@ def main(argv=None) -> None:
     if not args.no_thp:
         tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
         env["GLIBC_TUNABLES"] = ":".join(tunables + [THP_TUNABLE])
+    if args.device == "cuda":  # torch shares the GPU: JAX takes memory as it needs it
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    else:  # ours on the CPU even where JAX would pick a GPU
+        env.setdefault("JAX_PLATFORMS", "cpu")
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
     for cores in args.cores.split(","):
         # glibc reads its tunables at process start, and JAX sizes its thread pool once: one

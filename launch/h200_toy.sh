@@ -4,11 +4,9 @@
 # runs/h200).
 #
 # The machine has JAX with CUDA and flax but not our pins (diffusers 0.39.0 and transformers 4.57.6
-# ship the last Flax classes). Fetch them once here, carry .whl/ with the tree:
-#   echo /.whl/ >> .git/info/exclude
-#   for p in diffusers==0.39.0 transformers==4.57.6 ml_collections tensorboardX orbax-checkpoint; do
-#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl "$p"; done
+# ship the last Flax classes; transformers 4.57.6 also needs huggingface_hub < 1.0 and tokenizers
+# <= 0.23.0 beside it). Fill .whl/ once, here, and pack it, as benchmarks/gpu.sh's header says
+# (`bash benchmarks/gpu.sh --pack` -> .whl/site.tar.xz), and carry .whl/site.tar.xz with the tree.
 # Then, on the machine (the device tool runs this from the repository root):
 #   bash launch/h200_toy.sh            # 2000 training identities (the config's), 32 held out, hypernet, demo
 #   STEPS=1000 bash launch/h200_toy.sh # a shorter stage 2
@@ -21,7 +19,11 @@ STEPS=${STEPS:-3000}
 PY=${PYTHON:-python3}
 run() { echo "+ $*"; [[ "${DRY_RUN:-}" == 1 ]] || "$@"; }
 [[ "${1:-}" == "--dry_run" ]] && DRY_RUN=1
-if [[ -d .whl && "${DRY_RUN:-}" != 1 ]]; then
+if [[ -f .whl/site.tar.xz && "${DRY_RUN:-}" != 1 ]]; then
+  $PY -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+    .whl/site.tar.xz /tmp/site
+  export PYTHONPATH=/tmp/site:$PWD
+elif [[ -d .whl && "${DRY_RUN:-}" != 1 ]]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi

@@ -11,6 +11,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hdb_jax_test_cache_")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# A size limit turns on JAX's cross-process file lock around cache reads and writes (without one,
+# two processes that compile the same program at once can write one file together, and a third
+# can read it half-written).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

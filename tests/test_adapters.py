@@ -167,3 +167,16 @@ def test_bad_targets_name_the_pattern(tiny_sd, tiny_params, unet_inputs):
     with pytest.raises(RuntimeError, match="no adapter target was called"):
         with adapter.attach(init, frozen):
             tiny_sd.predict(tiny_params["unet"], latents, timesteps, context)
+
+
+@pytest.mark.parametrize("kind", [A.LiDB(a=16, b=8), A.LoRA(rank=2)], ids=lambda k: k.name)
+def test_abstract_basis_has_the_drawn_basis_shapes(kind, tiny_params):
+    adapter = A.Adapter.create(kind, tiny_params["unet"], [r".*attn1\.to_q"], "unet")
+    drawn, abstract = adapter.basis(jax.random.PRNGKey(0)), adapter.abstract_basis()
+    assert jax.tree_util.tree_structure(drawn) == jax.tree_util.tree_structure(abstract)
+    pairs = zip(jax.tree_util.tree_leaves(drawn), jax.tree_util.tree_leaves(abstract))
+    assert all((x.shape, x.dtype) == (y.shape, y.dtype) for x, y in pairs)
+    assert len(jax.tree_util.tree_leaves(abstract)) == (
+        2 * len(adapter.targets) if kind.name == "lidb" else 0
+    )
+    assert adapter.targets

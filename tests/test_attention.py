@@ -112,7 +112,8 @@ def test_output_and_adapter_gradients_match_diffusers(impl, results):
 def test_default_model_applies_adapters_like_merged_weights(tiny_sd, tiny_params, unet_inputs, lora, results):
     adapter, trained = lora
     latents, timesteps, context = unet_inputs
-    assert tiny_sd.attention == attention.DEFAULT_IMPLEMENTATION == "flash"
+    assert tiny_sd.attention == attention.DEFAULT_IMPLEMENTATION == "auto"
+    assert attention.resolve("auto") == "flash"  # the tests run on CPU
 
     @jax.jit
     def predict(unet_params, factors):
@@ -166,3 +167,10 @@ def test_unknown_implementation_is_refused(tiny_sd):
         dataclasses.replace(tiny_sd, attention="fast")
     with pytest.raises(ValueError, match="chunk must be positive"):
         attention.interceptor("flash", 0)
+
+
+def test_auto_is_our_kernel_on_cpu_and_the_platform_kernel_elsewhere():
+    assert attention.resolve("auto", "cpu") == "flash"
+    assert attention.resolve("auto", "gpu") == attention.resolve("auto", "tpu") == "xla"
+    assert attention.resolve("chunked", "gpu") == "chunked"  # a named implementation is kept
+    assert attention.resolve("diffusers", "cpu") == "diffusers"

@@ -55,7 +55,16 @@ def test_stage_configs_share_sections():
     assert (
         preopt.adapter.to_dict() == hypernet.adapter.to_dict() == subject.adapter.to_dict()
     )  # same LiDB layout
-    assert preopt.model.to_dict() == hypernet.model.to_dict() == {"source": "tiny", "resolution": 32}
+    assert (
+        preopt.model.to_dict()
+        == hypernet.model.to_dict()
+        == {
+            "source": "tiny",
+            "resolution": 32,
+            "attention": "auto",
+            "remat": "none",
+        }
+    )
     assert "instance" not in hypernet.data and "export" not in preopt  # composed, not copied and deleted
 
 

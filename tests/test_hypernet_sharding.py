@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -244,4 +245,5 @@ def test_launch_script_dry_run_builds_mesh_and_compiles(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"mesh": {"data": 4, "fsdp": 2}' in proc.stdout and '"devices": 8' in proc.stdout
     assert "trainable/decoder/blocks_0/cross_attn/key/kernel: P('fsdp', None, None)" in proc.stdout
+    assert re.search(r"per device: peak \d+\.\d+ GiB, .* collectives send \d+\.\d+ GiB", proc.stdout)
     assert not (tmp_path / "dry").exists()  # shapes only: nothing trained or written

@@ -75,6 +75,10 @@ class Adapter:
         """The frozen tree (LiDB's orthonormal bases; ``{}`` per layer for other kinds)."""
         return {t.path: self.kind.basis(k, t) for t, k in self._keys(key)}
 
+    def abstract_basis(self) -> Tree:
+        """The frozen tree's shapes (``jax.ShapeDtypeStruct`` leaves), for shape-only compiles."""
+        return {t.path: self.kind.basis_shapes(t) for t in self.targets}
+
     def num_params(self) -> int:
         """Trainable scalars over all targets."""
         return sum(self.kind.num_params(t) for t in self.targets)

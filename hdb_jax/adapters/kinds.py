@@ -47,6 +47,9 @@ class LoRA:
     def basis(self, key: jax.Array, target: Target) -> dict:
         return {}
 
+    def basis_shapes(self, target: Target) -> dict:
+        return {}
+
     def delta(self, p: dict, f: dict, target: Target) -> jax.Array:
         return self.scale * (p["down"] @ p["up"])  # [in, out]
 
@@ -99,6 +102,13 @@ class LiDB:
             "b_aux": semi_orthogonal(kb, self.b, target.out_dim),  # rows orthonormal
         }
 
+    def basis_shapes(self, target: Target) -> dict:
+        """The shapes :meth:`basis` returns, without drawing it (its QR runs on the host)."""
+        return {
+            "a_aux": jax.ShapeDtypeStruct((target.in_dim, self.a), jnp.float32),
+            "b_aux": jax.ShapeDtypeStruct((self.b, target.out_dim), jnp.float32),
+        }
+
     def factors(self, p: dict, f: dict) -> tuple[jax.Array, jax.Array]:
         """The equivalent LoRA factors: down [in, r] and up [r, out]."""
         return f["a_aux"] @ p["a_train"], p["b_train"] @ f["b_aux"]
@@ -145,6 +155,9 @@ class Kron:
         return {"a": a, "b": jnp.zeros((rows, cols), jnp.float32)}
 
     def basis(self, key: jax.Array, target: Target) -> dict:
+        return {}
+
+    def basis_shapes(self, target: Target) -> dict:
         return {}
 
     def delta(self, p: dict, f: dict, target: Target) -> jax.Array:

@@ -6,7 +6,9 @@ stages (the demo) builds the base model once and hands it to each.
 
 Config sections (see :mod:`hdb_jax.jobs.config_lib` for their defaults):
 
-* ``model``: ``source`` (``tiny``, or a diffusers-format directory / hub id) and ``resolution``;
+* ``model``: ``source`` (``tiny``, or a diffusers-format directory / hub id), ``resolution``,
+  ``attention`` and ``remat`` (how the UNet computes; :mod:`hdb_jax.sd.attention`,
+  :mod:`hdb_jax.sd.remat`);
 * ``adapter``: ``kind`` (``lidb``, ``lora``, ``kron``, ``residual``), ``unet_patterns``,
   ``text_patterns``, ``basis_file`` and one sub-section of hyperparameters per kind;
 * ``optim``: ``learning_rate``, ``weight_decay``, ``grad_clip``, ``warmup_steps``, ``schedule``
@@ -15,6 +17,7 @@ Config sections (see :mod:`hdb_jax.jobs.config_lib` for their defaults):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping
 
@@ -24,7 +27,9 @@ import optax
 
 from hdb_jax import adapters as A
 from hdb_jax.adapters import basis as basis_io
+from hdb_jax.sd import attention as attention_lib
 from hdb_jax.sd import loading, model
+from hdb_jax.sd import remat as remat_lib
 from hdb_jax.sd import tiny as tiny_lib
 
 TINY = "tiny"  # model.source of the tiny random model: model.tiny() with random_params(PRNGKey(TINY_SEED))
@@ -32,6 +37,24 @@ TINY_SEED = 0
 COMPONENTS_WITH_ADAPTERS = ("unet", "text_encoder")
 SCHEDULES = ("constant", "cosine")
 BASIS_NAME = "lidb_basis.safetensors"
+
+
+def model_settings(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """``{"attention", "remat"}`` of ``model_config``: how the UNet computes, checked.
+
+    Both keys are optional (hand-written model sections may leave them out; the defaults apply).
+    Hand the result to ``dataclasses.replace(sd, **settings)``.
+    """
+    how = {
+        "attention": model_config.get("attention", attention_lib.DEFAULT_IMPLEMENTATION),
+        "remat": model_config.get("remat", remat_lib.DEFAULT),
+    }
+    try:
+        attention_lib.interceptor(how["attention"])
+        remat_lib.validate(how["remat"])
+    except ValueError as e:
+        raise ValueError(f"config.model: {e}") from None
+    return how
 
 
 def base_model(model_config: Mapping[str, Any]) -> tuple[model.StableDiffusion, dict]:
@@ -47,10 +70,13 @@ def base_model(model_config: Mapping[str, Any]) -> tuple[model.StableDiffusion, 
         raise ValueError(
             "config.model.source is empty: give a diffusers-format directory, a hub id or 'tiny'"
         )
+    how = model_settings(model_config)  # checked before any weight is read
     if source == TINY:
         sd = tiny_lib.tiny(resolution=int(model_config.get("resolution") or 32))
-        return sd, sd.random_params(jax.random.PRNGKey(TINY_SEED))
-    return loading.load_pretrained(source)
+        params = sd.random_params(jax.random.PRNGKey(TINY_SEED))
+    else:
+        sd, params = loading.load_pretrained(source)
+    return dataclasses.replace(sd, **how), params
 
 
 def resolution(model_config: Mapping[str, Any], sd: model.StableDiffusion) -> int:

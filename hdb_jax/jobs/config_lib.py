@@ -97,7 +97,9 @@ def load(
 def model(
     size: str = "tiny", *, source: str | None = None, resolution: int | None = None
 ) -> ml_collections.ConfigDict:
-    """``model``: ``source`` (``tiny``, a diffusers-format directory or hub id) and ``resolution``.
+    """``model``: ``source`` (``tiny``, a diffusers-format directory or hub id), ``resolution``,
+    ``attention`` (the UNet's attention implementation, ``auto``: by platform) and ``remat`` (what
+    the UNet's backward pass recomputes: ``none``, ``blocks``, ``layers`` or ``full``).
 
     ``toy`` is the toy base model shipped in the package; ``sd15`` leaves the source to the user.
     A loaded model's resolution is 0, "the model's own" (:func:`hdb_jax.blocks.build.resolution`):
@@ -114,7 +116,12 @@ def model(
         else:
             source = "tiny" if size == "tiny" else ""
     return ml_collections.ConfigDict(
-        dict(source=source, resolution=resolution or (32 if size == "tiny" else 0))
+        dict(
+            source=source,
+            resolution=resolution or (32 if size == "tiny" else 0),
+            attention="auto",
+            remat="none",
+        )
     )
 
 

@@ -7,10 +7,12 @@ configs/preopt.py`` and ``--config configs/hypernet.py`` run these.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from hdb_jax.blocks import build
-from hdb_jax.common import sharding
+from hdb_jax.common import costs, sharding
 from hdb_jax.sd import model
 from hdb_jax.sd import tiny as tiny_lib
 from hdb_jax.stages import hypernet, preopt
@@ -36,12 +38,21 @@ def run_hypernet(config: ml_collections.ConfigDict) -> hypernet.HypernetResult |
             if config.model.source == "tiny"
             else model.sd15_shapes()
         )
+        sd = dataclasses.replace(sd, **build.model_settings(config.model))
         s = hypernet.setup(config, sd, sd.abstract_params(build.resolution(config.model, sd)))
         specs = sharding.describe(s.state_sh["trainable"])
         for path in list(specs)[:6]:
             print(f"  trainable/{path}: {specs[path]}")
+        per_device = costs.program_costs(s.compiled, s.mesh.size)
+        gib = 2.0**30
+        print(
+            f"per device: peak {per_device['memory']['peak'] / gib:.2f} GiB, "
+            f"{per_device['flops'] / 1e12:.3f} TFLOP, collectives send {per_device['wire_bytes'] / gib:.3f} GiB"
+            " per step (see benchmarks/mesh_plan.py)"
+        )
         return {
             "summary": s.summary,
+            "costs": per_device,
             "state_shardings": s.state_sh,
             "frozen_shardings": s.frozen_sh,
             "compiled": s.compiled,

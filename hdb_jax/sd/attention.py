@@ -15,7 +15,7 @@ Implementations, chosen by name (see :data:`IMPLEMENTATIONS`):
   attention on GPUs that support it, XLA elsewhere).
 * ``chunked``: queries in chunks of ``chunk`` under ``lax.map``, each chunk rematerialised
   (``jax.checkpoint``) in the backward pass, so only a ``[B·heads, chunk, S]`` block is live.
-* ``flash`` (default): chunked like ``chunked`` but with a hand-written VJP (FlashAttention's):
+* ``flash`` (``auto``'s choice on CPU): chunked like ``chunked`` but with a hand-written VJP (FlashAttention's):
   the forward keeps only the output and the row log-sum-exp; the backward recomputes each
   chunk's probabilities once and forms ``dS = P ∘ (dP − rowsum(dO ∘ O))`` directly, which needs
   fewer passes over the score block than autodiff through softmax. Blocks are laid out for
@@ -26,6 +26,9 @@ Implementations, chosen by name (see :data:`IMPLEMENTATIONS`):
 * ``flash_bf16``: ``flash`` with bfloat16 matmul inputs and float32 softmax statistics. Not
   numerically equivalent (~1e-2 relative); an option for accelerators only: on CPU it measured
   ~30% slower than ``flash`` (the dots here are too thin for AMX to pay off).
+* ``auto`` (default): chosen by the platform the program is traced for: ``flash`` on CPU,
+  ``xla`` elsewhere (the platform's fused kernel: cuDNN flash attention on GPUs that have it).
+  Name an implementation in the model's config to override it.
 
 All are the same function as diffusers' (heads split from the channel axis as
 ``[..., heads, dim_head]``, scale ``dim_head ** -0.5``, softmax over keys).
@@ -42,9 +45,21 @@ import jax.numpy as jnp
 
 from hdb_jax.sd import hf
 
-IMPLEMENTATIONS = ("diffusers", "xla", "chunked", "flash", "flash_bf16")
-DEFAULT_IMPLEMENTATION = "flash"
+IMPLEMENTATIONS = ("auto", "diffusers", "xla", "chunked", "flash", "flash_bf16")
+DEFAULT_IMPLEMENTATION = "auto"
 DEFAULT_CHUNK = 128
+
+
+def resolve(implementation: str, platform: str | None = None) -> str:
+    """The implementation ``implementation`` means on ``platform`` (default: JAX's default backend).
+
+    ``auto`` is ``flash`` on CPU (our hand-written kernel is the fastest there) and ``xla`` on GPU
+    and TPU, where ``jax.nn.dot_product_attention`` reaches the platform's fused kernel; every other
+    name means itself.
+    """
+    if implementation != "auto":
+        return implementation
+    return "flash" if (platform or jax.default_backend()) == "cpu" else "xla"
 
 
 # -------------------------------------------------------------------- chunking helpers
@@ -210,15 +225,16 @@ class AttentionInterceptor:
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
         """Attention of ``q [B, T, H, d]`` over ``k, v [B, S, H, d]``; returns ``[B, T, H, d]``."""
-        if self.implementation == "xla":
+        implementation = resolve(self.implementation)
+        if implementation == "xla":
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=None)
         b, t, h, d = q.shape
         to_rows = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, x.shape[1], d)  # noqa: E731
         qr, kr, vr = to_rows(q), to_rows(k), to_rows(v)
-        if self.implementation == "chunked":
+        if implementation == "chunked":
             out = chunked_attention(qr, kr, vr, scale, self.chunk)
         else:
-            dtype = jnp.bfloat16 if self.implementation == "flash_bf16" else None
+            dtype = jnp.bfloat16 if implementation == "flash_bf16" else None
             out = flash_attention(qr, kr, vr, scale, self.chunk, dtype)
         return jnp.transpose(out.reshape(b, h, t, d), (0, 2, 1, 3))
 

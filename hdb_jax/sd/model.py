@@ -24,6 +24,7 @@ import numpy as np
 
 from hdb_jax.sd import attention as attention_lib
 from hdb_jax.sd import hf
+from hdb_jax.sd import remat as remat_lib
 
 Params = Mapping[str, Any]
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -138,6 +139,8 @@ class StableDiffusion:
       attention: how the UNet's attention layers compute (one of
         :data:`hdb_jax.sd.attention.IMPLEMENTATIONS`; ``diffusers`` runs the library's code).
       attention_chunk: queries per chunk for the chunked implementations.
+      remat: what the UNet's backward pass recomputes instead of keeping (one of
+        :data:`hdb_jax.sd.remat.POLICIES`; ``none`` keeps every activation).
     """
 
     unet: Any
@@ -149,9 +152,11 @@ class StableDiffusion:
     name: str
     attention: str = attention_lib.DEFAULT_IMPLEMENTATION
     attention_chunk: int = attention_lib.DEFAULT_CHUNK
+    remat: str = remat_lib.DEFAULT
 
     def __post_init__(self):
         attention_lib.interceptor(self.attention, self.attention_chunk)  # validates both
+        remat_lib.validate(self.remat)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -326,9 +331,12 @@ class StableDiffusion:
         if timesteps.ndim == 0:
             timesteps = jnp.broadcast_to(timesteps, latents.shape[:1])
         attend = attention_lib.interceptor(self.attention, self.attention_chunk)
-        with nn.intercept_methods(exact_geglu), nn.intercept_methods(attend):
-            out = self.unet.apply({"params": params}, jnp.asarray(latents), timesteps, context)
-        return out.sample
+
+        def unet(params, latents, timesteps, context):
+            with nn.intercept_methods(exact_geglu), nn.intercept_methods(attend):
+                return self.unet.apply({"params": params}, latents, timesteps, context).sample
+
+        return remat_lib.apply(self.remat, unet)(params, jnp.asarray(latents), timesteps, context)
 
     def encode_images(self, params: Params, images: jax.Array, key: jax.Array | None = None):
         """Scaled latents [B, C, h, w] of NHWC images in [-1, 1]; the mean if ``key`` is None."""

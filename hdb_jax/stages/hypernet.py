@@ -101,20 +101,6 @@ def _with_shardings(tree, shardings):
     )
 
 
-def _abstract_basis(adapters, kind: A.LiDB) -> dict:
-    """Shapes of the LiDB bases (no QR is run): a_aux [in, a], b_aux [b, out]."""
-    return {
-        c: {
-            t.path: {
-                "a_aux": jax.ShapeDtypeStruct((t.in_dim, kind.a), jnp.float32),
-                "b_aux": jax.ShapeDtypeStruct((kind.b, t.out_dim), jnp.float32),
-            }
-            for t in a.targets
-        }
-        for c, a in adapters.items()
-    }
-
-
 @dataclasses.dataclass
 class Setup:
     """Everything built before the first step: the mesh, the networks and the compiled step."""
@@ -153,7 +139,7 @@ def setup(config: ml_collections.ConfigDict, sd, abstract_sd: Mapping[str, Any])
     abstract_state, abstract_hyper = jax.eval_shape(init_all, jax.random.PRNGKey(0))
     abstract_frozen = {
         "params": abstract_sd,
-        "basis": _abstract_basis(adapters_, net.kind),
+        "basis": {c: a.abstract_basis() for c, a in adapters_.items()},
         "hyper": abstract_hyper,
     }
     step, state_sh, frozen_sh, data_sh = sharded_step(

@@ -112,6 +112,9 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
         raise SettingsError("; ".join(problems))
 
 
+CACHE_MAX_BYTES = 16 << 30  # the persistent compilation cache's bound (least recently used go first)
+
+
 def enable_compile_cache(directory: str | os.PathLike | None) -> None:
     """Turns on JAX's persistent compilation cache in ``directory`` (every program is cached)."""
     if not directory:
@@ -120,6 +123,10 @@ def enable_compile_cache(directory: str | os.PathLike | None) -> None:
     jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if jax.config.jax_compilation_cache_max_size == -1:
+        # A bound turns on JAX's file lock around entries: several personalisations started at
+        # once on one cache (a batch job) cannot write one file together or read it half-written.
+        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 
 
 def validate_image(path: str | os.PathLike, resolution: int, config: ml_collections.ConfigDict) -> np.ndarray:
