@@ -17,15 +17,22 @@ and link efficiency 0.7 (assumptions, in the JSON; no overlap of compute and com
 the figure is pessimistic). The default mesh is the fastest plan whose peak memory fits 90% of
 the HBM. ``--from <json>`` re-projects a saved run (after editing the assumptions here) without
 compiling again.
+
 Limits, stated rather than hidden: the program is compiled in float32 (the training default;
 bfloat16 activations would roughly halve the temporaries, so memory here is an upper bound), by
-XLA:CPU (whose buffer assignment and fusion differ from XLA:TPU/GPU), with attention as ``xla``
-(what ``auto`` picks on accelerators; loop-free, so the FLOPs are complete, but the score matrix
-is materialised, so GPU memory with cuDNN flash attention would be lower). The XLA:CPU backend
-compiles at LLVM level 0: buffer assignment, FLOPs and collectives are decided before LLVM runs.
+XLA:CPU (whose buffer assignment and fusion differ from XLA:TPU/GPU). Attention decides both
+figures, so the recorded plan takes each from the run it is right in: FLOPs from a run with
+``--attention xla`` (loop-free: ``cost_analysis`` counts every FLOP; our ``flash`` kernel's chunk
+loop would be counted once), memory from a run with ``--attention flash`` (the score matrix is
+never kept, as with cuDNN's fused kernel on GPU and with ``auto``'s choice on TPU), merged with
+``--from xla.json --memory-from flash.json``. Both runs' JSONs are kept beside it. The XLA:CPU
+backend compiles at LLVM level 0: buffer assignment, FLOPs and collectives are decided before
+LLVM runs.
 
 Run (from the repository root):
-  python benchmarks/mesh_plan.py            # -> benchmarks/results/mesh_plan.json and a table
+  python benchmarks/mesh_plan.py --out xla.json                      # FLOPs (attention xla)
+  python benchmarks/mesh_plan.py --attention flash --out flash.json   # memory
+  python benchmarks/mesh_plan.py --from xla.json --memory-from flash.json   # -> results/mesh_plan.json
   python benchmarks/mesh_plan.py --reduced  # the tiny model and encoder, 8 devices (the test's)
 """
 
@@ -35,7 +42,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -120,6 +126,13 @@ def compile_plan(reduced: bool, axes: dict, batch: int, attention: str = "xla") 
     return out
 
 
+def _machine() -> dict:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sd15_scale import machine
+
+    return machine()
+
+
 def run(
     reduced: bool,
     device_counts: tuple[int, ...],
@@ -127,7 +140,6 @@ def run(
     only: tuple[str, ...] = (),
     attention: str = "xla",
 ) -> dict:
-    import jax
 
     result = {
         "what": "hypernetwork training step, per device, compiled ahead of time on fake CPU devices",
@@ -136,7 +148,7 @@ def run(
         "attention": attention,
         "assumptions": _assumptions(),
         "targets": TARGETS,
-        "machine": {"cpu": platform.processor() or platform.machine(), "jax": jax.__version__},
+        "machine": _machine(),
         "date": datetime.date.today().isoformat(),
         "devices": {},
     }

@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -77,6 +76,13 @@ def compile_step(reduced: bool, batch: int, policy: str) -> dict:
     return out
 
 
+def _machine() -> dict:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sd15_scale import machine
+
+    return machine()
+
+
 def run(reduced: bool, batches: tuple[int, ...], policies: tuple[str, ...]) -> dict:
     import jax
 
@@ -85,7 +91,7 @@ def run(reduced: bool, batches: tuple[int, ...], policies: tuple[str, ...]) -> d
         "shapes": "tiny model, 32 px" if reduced else "SD 1.5, 512 px",
         "attention": "auto",
         "platform": jax.default_backend(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "jax": jax.__version__},
+        "machine": _machine(),
         "date": datetime.date.today().isoformat(),
         "runs": {},
     }

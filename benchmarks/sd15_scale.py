@@ -223,7 +223,7 @@ def _loop_steps(record: dict, workdir: str) -> None:
         record["first_step_s"] = 1.0 / rates[min(rates)]
 
 
-def _machine() -> dict:
+def machine() -> dict:
     """What ran the benchmark: CPU model and cores (Linux ``/proc``), memory, library versions, date."""
     read = lambda path: open(path).read() if os.path.exists(path) else ""  # noqa: E731
     cpu = re.search(r"^model name\s*:\s*(.+)$", read("/proc/cpuinfo"), re.M)
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     p.update({k: os.path.join(runs, k) for k in ("subject", "preopt", "hypernet", "personal")})
     p.update(face=os.path.join(work, f"face_{size}.png"), load_json=os.path.join(runs, "load.json"))
     p["compare_json"] = os.path.join(runs, "compare.json")
-    result = {"shapes": size, "reduced": args.reduced, "machine": _machine(), "work": work, "order": STAGES}
+    result = {"shapes": size, "reduced": args.reduced, "machine": machine(), "work": work, "order": STAGES}
     result["settings"] = {"batch": args.batch, "finetune_steps": args.finetune_steps, "steps": 2}
     records, timeout = {}, args.timeout or None
     log = lambda n: os.path.join(work, "logs", f"{n}.log")  # noqa: E731

@@ -169,8 +169,8 @@ def test_unknown_implementation_is_refused(tiny_sd):
         attention.interceptor("flash", 0)
 
 
-def test_auto_is_our_kernel_on_cpu_and_the_platform_kernel_elsewhere():
-    assert attention.resolve("auto", "cpu") == "flash"
-    assert attention.resolve("auto", "gpu") == attention.resolve("auto", "tpu") == "xla"
+def test_auto_is_cudnn_on_gpu_and_our_kernel_elsewhere():
+    assert attention.resolve("auto", "cpu") == attention.resolve("auto", "tpu") == "flash"
+    assert attention.resolve("auto", "gpu") == "xla"  # cuDNN's fused kernel behind jax.nn
     assert attention.resolve("chunked", "gpu") == "chunked"  # a named implementation is kept
     assert attention.resolve("diffusers", "cpu") == "diffusers"

@@ -26,9 +26,12 @@ Implementations, chosen by name (see :data:`IMPLEMENTATIONS`):
 * ``flash_bf16``: ``flash`` with bfloat16 matmul inputs and float32 softmax statistics. Not
   numerically equivalent (~1e-2 relative); an option for accelerators only: on CPU it measured
   ~30% slower than ``flash`` (the dots here are too thin for AMX to pay off).
-* ``auto`` (default): chosen by the platform the program is traced for: ``flash`` on CPU,
-  ``xla`` elsewhere (the platform's fused kernel: cuDNN flash attention on GPUs that have it).
-  Name an implementation in the model's config to override it.
+* ``auto`` (default): chosen by the platform the program is traced for: ``xla`` on GPU (where
+  ``jax.nn.dot_product_attention`` reaches cuDNN's fused flash attention), ``flash`` on CPU and
+  TPU (on TPU XLA's attention keeps the whole score matrix: the hypernetwork step at 512 px and 2
+  images per device needs 25.7 GiB per chip with it and 13.7 GiB with ``flash``, so only
+  ``flash`` fits a v5e's 16 GiB; ``benchmarks/mesh_plan.py``). Name an implementation in the
+  model's config (``config.model.attention``) to override it.
 
 All are the same function as diffusers' (heads split from the channel axis as
 ``[..., heads, dim_head]``, scale ``dim_head ** -0.5``, softmax over keys).
@@ -53,13 +56,13 @@ DEFAULT_CHUNK = 128
 def resolve(implementation: str, platform: str | None = None) -> str:
     """The implementation ``implementation`` means on ``platform`` (default: JAX's default backend).
 
-    ``auto`` is ``flash`` on CPU (our hand-written kernel is the fastest there) and ``xla`` on GPU
-    and TPU, where ``jax.nn.dot_product_attention`` reaches the platform's fused kernel; every other
-    name means itself.
+    ``auto`` is ``xla`` on GPU, where ``jax.nn.dot_product_attention`` reaches cuDNN's fused
+    kernel, and ``flash`` elsewhere: on CPU our kernel is the fastest, on TPU the one that never
+    holds the score matrix (see the module docstring); every other name means itself.
     """
     if implementation != "auto":
         return implementation
-    return "flash" if (platform or jax.default_backend()) == "cpu" else "xla"
+    return "xla" if (platform or jax.default_backend()) in ("gpu", "cuda", "rocm") else "flash"
 
 
 # -------------------------------------------------------------------- chunking helpers
