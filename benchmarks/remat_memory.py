@@ -15,6 +15,7 @@ memory-aware scheduler makes of the regions: ``python benchmarks/remat_memory.py
 Run (from the repository root):
   python benchmarks/remat_memory.py             # -> benchmarks/results/remat_memory.json and a table
   python benchmarks/remat_memory.py --reduced   # the tiny model at 32 px (seconds)
+  python benchmarks/remat_memory.py --chain     # does this compiler keep remat at all? (seconds)
 """
 
 from __future__ import annotations
@@ -111,6 +112,45 @@ def run(reduced: bool, batches: tuple[int, ...], policies: tuple[str, ...]) -> d
     return result
 
 
+def chain_check(layers: int = 20, width: int = 1024) -> dict:
+    """Whether this compiler keeps rematerialisation at all: a chain of ``tanh(h @ W)`` layers,
+    differentiated with and without ``jax.checkpoint`` on every layer. Where the two programs
+    compile to the same temporaries and FLOPs, the backend merged the recomputation back into the
+    forward pass (XLA:CPU does: it drops the optimisation barriers that keep them apart)."""
+    import jax
+    import jax.numpy as jnp
+
+    weights = jax.ShapeDtypeStruct((layers, width, width), jnp.float32)
+    x = jnp.ones((width, width), jnp.float32)
+
+    def loss(w, checkpoint):
+        h = x
+        for i in range(layers):
+            step = lambda h, w: jnp.tanh(h @ w)  # noqa: E731
+            h = (jax.checkpoint(step) if checkpoint else step)(h, w[i])
+        return jnp.sum(h * h)
+
+    out = {}
+    for checkpoint in (False, True):
+        lowered = jax.jit(jax.grad(loss), static_argnums=1).lower(weights, checkpoint)
+        compiled = lowered.compile()
+        out["per_layer" if checkpoint else "none"] = {
+            "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+            "flops": float(costs_flops(compiled)),
+            "barriers_lowered": lowered.as_text().count("optimization_barrier"),
+            "barriers_compiled": compiled.as_text().count("opt-barrier"),
+        }
+        print(f"chain, checkpoint={checkpoint}: {out['per_layer' if checkpoint else 'none']}", flush=True)
+    return out
+
+
+def costs_flops(compiled) -> float:
+    sys.path.insert(0, ROOT)
+    from hdb_jax.common import costs
+
+    return costs.program_costs(compiled, devices=1)["flops"]
+
+
 def main(argv=None) -> dict:
     from hdb_jax.sd import remat
 
@@ -119,7 +159,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--policies", default=",".join(remat.POLICIES))
     parser.add_argument("--out", default="", help=f"JSON path (default {os.path.relpath(COMMITTED, ROOT)})")
+    parser.add_argument("--chain", action="store_true", help="only check that the compiler keeps remat")
     args = parser.parse_args(argv)
+    if args.chain:
+        return chain_check()
     result = run(
         args.reduced,
         tuple(int(b) for b in args.batches.split(",")),
