@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hdb_jax import adapters as A
 from hdb_jax.blocks import build
 from hdb_jax.sd import remat
 
@@ -47,19 +48,31 @@ def test_policies_keep_fewer_activations_in_order(tiny_sd, tiny_params, loss_inp
     assert saved["none"] > 2 * weights  # not vacuous: activations are most of what "none" keeps
 
 
-def test_policies_give_the_same_gradients(tiny_sd, tiny_params, loss_inputs):
+def test_policies_give_the_same_gradients_with_adapters_attached(tiny_sd, tiny_params, loss_inputs):
+    """Weights and LoRA factors alike: the adapters' interceptors find their layers inside the
+    lifted regions (``attach`` refuses a target that is never called) and train the same."""
+    latents, timesteps, context = loss_inputs
+    adapter = A.Adapter.create(A.LoRA(rank=2), tiny_params["unet"], [A.PATTERNS["unet_attention"]], "unet")
+    leaves, tree = jax.tree_util.tree_flatten(adapter.init(jax.random.PRNGKey(4)))
+    keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+    factors = tree.unflatten([0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])  # up != 0
     grads = {}
-    for p in ("none", "blocks"):  # "blocks" exercises the naming; "full" is JAX's own policy
+    for p in ("none", "blocks"):  # "blocks": regions via Flax's lifted checkpoint; "full" is jax.checkpoint
         sd = dataclasses.replace(tiny_sd, remat=p)
-        grads[p] = jax.jit(jax.grad(_loss(sd, loss_inputs)))(tiny_params["unet"])
-    ref = jax.tree_util.tree_leaves(grads["none"])
-    scale = max(float(jnp.abs(g).max()) for g in ref)
+
+        def loss(unet_params, factors, sd=sd):
+            with adapter.attach(factors):
+                return jnp.mean(jnp.square(sd.predict(unet_params, latents, timesteps, context)))
+
+        grads[p] = jax.tree_util.tree_leaves(
+            jax.jit(jax.grad(loss, argnums=(0, 1)))(tiny_params["unet"], factors)
+        )
+    scale = max(float(jnp.abs(g).max()) for g in grads["none"])
     assert scale > 0
     # A recomputed forward pass is the same float32 program, possibly fused differently: allow
     # a few hundred ulps of the largest gradient, far below any real difference.
-    for p in ("blocks",):
-        err = max(float(jnp.abs(a - b).max()) for a, b in zip(ref, jax.tree_util.tree_leaves(grads[p])))
-        assert err <= 256 * np.finfo(np.float32).eps * scale, (p, err, scale)
+    err = max(float(jnp.abs(a - b).max()) for a, b in zip(grads["none"], grads["blocks"]))
+    assert err <= 256 * np.finfo(np.float32).eps * scale, (err, scale)
 
 
 def test_model_config_sets_remat_and_attention_and_refuses_bad_values():

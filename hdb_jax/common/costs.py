@@ -17,8 +17,8 @@ collective-permute  result bytes
 
 A collective inside a ``while`` body runs once per iteration: it is multiplied by the loop's
 trip count where XLA recorded one (``known_trip_count``) and flagged otherwise. ``cost_analysis``
-counts a loop body once, so FLOPs of loops (e.g. our chunked CPU attention) are undercounted;
-programs meant for a plan are compiled with loop-free attention (``attention="xla"``).
+counts a loop body once, so FLOPs of loops (e.g. our chunked CPU attention) are undercounted:
+``benchmarks/mesh_plan.py`` takes its FLOPs from a compile with loop-free attention (``xla``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ that memory for a second forward pass. The policy is a model setting
 * ``blocks``: each of the UNet's top-level modules (``conv_in``, the time embedding, every down
   block, the mid block, every up block, the output head) is its own checkpoint region: the
   backward pass keeps only what enters and leaves each block and recomputes a block's insides
-  just before that block's backward, so at most one block's activations are live at once.
+  for that block's backward, so that, where the compiler keeps the regions apart, about one
+  block's activations are live at once.
 * ``layers``: the same one level down (each ResNet, transformer, down/upsampler inside the
   blocks): less recomputation, more kept.
 * ``full``: one region around the whole UNet: nothing of it is kept between the forward and
@@ -21,7 +22,9 @@ How: ``blocks`` and ``layers`` intercept the ``__call__`` of every module at the
 UNet and run it through Flax's lifted ``nn.checkpoint`` (a Flax module cannot be called inside a
 plain ``jax.checkpoint``); ``full`` wraps the UNet call in ``jax.checkpoint``. The maths is
 unchanged (gradients equal to float32 rounding). The memory each policy buys at SD 1.5 shapes
-is measured by ``benchmarks/remat_memory.py``.
+is measured by ``benchmarks/remat_memory.py``: on XLA:CPU none, because that compiler drops the
+optimisation barriers between a recomputation and the forward pass and merges the two
+(``remat_memory.py --chain``); what XLA:GPU and XLA:TPU make of it is still to be measured.
 """
 
 from __future__ import annotations
