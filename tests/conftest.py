@@ -1,6 +1,8 @@
 """Shared fixtures. Eight fake CPU devices are set up before JAX starts, for sharding tests."""
 
+import contextlib
 import os
+import warnings
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -77,6 +79,20 @@ def cli_env(devices: int | None = None, **extra: str) -> dict:
 
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@contextlib.contextmanager
+def captured_constants_fail_above(threshold_bytes: int):
+    """Inside: a jit lowering that captures more than ``threshold_bytes`` of constants (arrays it
+    closes over rather than takes as arguments) raises JAX's warning as an error."""
+    previous = jax.config.jax_captured_constants_warn_bytes
+    jax.config.update("jax_captured_constants_warn_bytes", int(threshold_bytes))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="A large amount of constants")
+            yield
+    finally:
+        jax.config.update("jax_captured_constants_warn_bytes", previous)
 
 
 def load_config(name: str, arg: str | None = None):

@@ -34,7 +34,7 @@ from hdb_jax.hypernet import data as hdata
 from hdb_jax.hypernet import decoder as dec
 from hdb_jax.hypernet import evaluate as hevaluate
 from hdb_jax.hypernet.evaluate import HELDOUT_CHECK, evaluate_heldout  # noqa: F401  (public API)
-from hdb_jax.hypernet.model import HyperNetwork, build_hypernet, split_params
+from hdb_jax.hypernet.model import HyperNetwork, Initializer, abstract_params, build_hypernet, split_params
 from hdb_jax.hypernet.objective import (  # noqa: F401  (the stage's public API)
     factor_distance,
     make_eval,
@@ -112,7 +112,8 @@ class Setup:
     compiled: Callable
     state_sh: Any
     frozen_sh: Any
-    init_all: Callable
+    init_all: Callable  # (key, encoder weights or None) -> (state, frozen hypernetwork params)
+    init: Initializer  # its ``load_encoder()`` reads the pretrained encoder (None: random)
     summary: dict
     resolution: int  # the image side (:func:`hdb_jax.blocks.build.resolution`)
 
@@ -128,15 +129,17 @@ def setup(config: ml_collections.ConfigDict, sd, abstract_sd: Mapping[str, Any])
     net, init = _hypernet(config, adapters_)
     optimizer = build.optimizer(config.optim, config.steps)
 
-    def init_all(k):
-        trainable, frozen_h = split_params(net, init(k))
+    def init_all(k, encoder):
+        """``(state, frozen hypernetwork params)``; ``encoder``: pretrained weights or None."""
+        trainable, frozen_h = split_params(net, init(k, encoder_params=encoder))
         return {
             "step": jnp.zeros((), jnp.int32),
             "trainable": trainable,
             "opt_state": optimizer.init(trainable),
         }, frozen_h
 
-    abstract_state, abstract_hyper = jax.eval_shape(init_all, jax.random.PRNGKey(0))
+    abstract_encoder = abstract_params(net)["encoder"]  # shapes only: no weights are read here
+    abstract_state, abstract_hyper = jax.eval_shape(init_all, jax.random.PRNGKey(0), abstract_encoder)
     abstract_frozen = {
         "params": abstract_sd,
         "basis": {c: a.abstract_basis() for c, a in adapters_.items()},
@@ -177,7 +180,7 @@ def setup(config: ml_collections.ConfigDict, sd, abstract_sd: Mapping[str, Any])
     }
     if jax.process_index() == 0:
         print("hypernet step: " + json.dumps(summary), flush=True)
-    return Setup(mesh, net, adapters_, optimizer, compiled, state_sh, frozen_sh, init_all, summary, res)
+    return Setup(mesh, net, adapters_, optimizer, compiled, state_sh, frozen_sh, init_all, init, summary, res)
 
 
 # -------------------------------------------------------------------- training
@@ -237,7 +240,10 @@ def train(config: ml_collections.ConfigDict, sd, params: Mapping[str, Any]) -> H
             else None
         ),
     )
-    state, hyper_frozen = jax.jit(s.init_all, out_shardings=(s.state_sh, s.frozen_sh["hyper"]))(k_hyper)
+    # The pretrained encoder goes in as an argument: closed over, it would be compiled in as constants.
+    state, hyper_frozen = jax.jit(s.init_all, out_shardings=(s.state_sh, s.frozen_sh["hyper"]))(
+        k_hyper, s.init.load_encoder()
+    )
     if config.net.offset and tokens is not None:  # θ̂_0 = the targets' mean: step 0 predicts the mean
         mean = jax.device_put(
             np.asarray(tokens, np.float32).mean(axis=0), s.state_sh["trainable"]["decoder"]["offset"]

@@ -182,15 +182,19 @@ class Personalizer:
             self.config.model.resolution if self.config.model.resolution > 0 else self.sd.default_resolution
         )
 
-    def _predict_fn(self, images, iterations: int | None):
+    def _predict_fn(self, net_params, images, iterations: int | None):
         net = self.bundle.net
-        return net.apply({"params": self.bundle.params}, resize_images(images, net.image_size), iterations)
+        return net.apply({"params": net_params}, resize_images(images, net.image_size), iterations)
 
     def _compiled_predict(self, iterations: int | None):
+        """The compiled ``(hypernetwork params, images [1, H, W, 3]) -> trainable tree``. The params
+        are an argument: closed over, they would be compiled in as constants (2.5 GB for ViT-H/14)."""
         if iterations not in self._predict:
             image = jax.ShapeDtypeStruct((1, self.resolution, self.resolution, 3), jnp.float32)
             self._predict[iterations] = (
-                jax.jit(self._predict_fn, static_argnums=1).lower(image, iterations).compile()
+                jax.jit(self._predict_fn, static_argnums=2)
+                .lower(jax.eval_shape(lambda: self.bundle.params), image, iterations)
+                .compile()
             )
         return self._predict[iterations]
 
@@ -254,7 +258,8 @@ class Personalizer:
         ``iterations`` overrides the bundle's refinement steps (1: no iterative prediction).
         """
         pixels = jnp.asarray(images.to_unit_range(image[None]))
-        return jax.tree_util.tree_map(lambda x: x[0], self._compiled_predict(iterations)(pixels))
+        predicted = self._compiled_predict(iterations)(self.bundle.params, pixels)
+        return jax.tree_util.tree_map(lambda x: x[0], predicted)
 
     def relax(self, predicted: Mapping[str, Any], key: jax.Array) -> relax.Relaxed:
         b, r = self.bundle, self.config.relax
