@@ -26,6 +26,7 @@ Run (from the repository root; needs torch, diffusers and peft):
   python benchmarks/sd15_scale.py                  # SD 1.5 shapes -> benchmarks/results/sd15_scale.json
   python benchmarks/sd15_scale.py --reduced        # the same code path on the tiny model (minutes)
   python benchmarks/sd15_scale.py --work /big/disk --finetune-steps 4 --out my.json
+  python benchmarks/sd15_scale.py --resume         # after an interruption: keeps the finished stages
 The SD 1.5 run needs ~7 GB of disk in ``--work`` (model and encoder are reused by later runs) and
 tens of GB of memory. Nothing here asserts on time: the figures describe one machine at one moment
 (the JSON records which); only the PyTorch comparison is a correctness check.
@@ -347,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=2, help="personalisation finetune steps")
     parser.add_argument("--batch", type=int, default=1, help="batch of subject, hypernet and finetune")
     parser.add_argument("--timeout", type=float, default=0, help="seconds per stage (0: none)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the stages an interrupted run of the same settings finished",
+    )
     args = parser.parse_args(argv)
     size = "tiny" if args.reduced else "sd15"
     if args.reduced and args.out and os.path.realpath(args.out) == os.path.realpath(COMMITTED):
@@ -359,7 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out or (os.path.join(work, "sd15_scale_reduced.json") if args.reduced else COMMITTED)
     )
     runs = os.path.join(work, "runs")
-    shutil.rmtree(runs, ignore_errors=True)  # a fresh run: the jobs would otherwise resume or skip
+    done_file = os.path.join(runs, "finished_stages.json")  # each finished stage's record, as it ends
+    settings = {"batch": args.batch, "finetune_steps": args.finetune_steps, "steps": 2}
+    done = json.load(open(done_file)) if args.resume and os.path.isfile(done_file) else {}
+    if done.get("settings") != settings or done.get("shapes") != size:
+        done = {"settings": settings, "shapes": size, "stages": {}}
+        shutil.rmtree(runs, ignore_errors=True)  # a fresh run: the jobs would otherwise resume or skip
     for d in (runs, os.path.join(work, "logs")):
         os.makedirs(d, exist_ok=True)
     p = {k: os.path.join(work, f"{k}_{size}") for k in ("model", "encoder")}  # the reusable inputs
@@ -367,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.update(face=os.path.join(work, f"face_{size}.png"), load_json=os.path.join(runs, "load.json"))
     p["compare_json"] = os.path.join(runs, "compare.json")
     result = {"shapes": size, "reduced": args.reduced, "machine": machine(), "work": work, "order": STAGES}
-    result["settings"] = {"batch": args.batch, "finetune_steps": args.finetune_steps, "steps": 2}
+    result["settings"] = settings
     records, timeout = {}, args.timeout or None
     log = lambda n: os.path.join(work, "logs", f"{n}.log")  # noqa: E731
     marker, commands = os.path.join(p["model"], MARKER), _stage_commands(size, p, args)
@@ -380,7 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"setup": [os.path.abspath(__file__), "_child", "write", json.dumps(kwargs)], **commands}
     failed = None
     for name, command in commands.items():
+        if name in done["stages"]:  # --resume: finished by an earlier invocation (its record says when)
+            records[name] = done["stages"][name]
+            print(f"[{name}] finished earlier: {records[name]['seconds']:.1f} s", flush=True)
+            continue
         print(f"[{name}] {' '.join(command)}", flush=True)
+        stage_dir = p.get("personal" if name == "personalize" else name)
+        if stage_dir and stage_dir.startswith(runs):  # what an interrupted attempt left: start clean
+            shutil.rmtree(stage_dir, ignore_errors=True)
         records[name] = r = _run(command, log(name), timeout)
         r["command"] = command
         if r["rc"]:
@@ -388,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
             print(open(log(name)).read()[-4000:], file=sys.stderr)
             break
         _finish(name, r, p, args)
+        r["finished_at"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        r["load_average"] = list(os.getloadavg())
+        if name != "setup":
+            done["stages"][name] = r
+            with open(done_file, "w") as f:
+                json.dump(done, f, indent=1, default=str)
         print(f"[{name}] {r['seconds']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
     if os.path.exists(marker):
         result["model"] = json.load(open(marker))

@@ -63,6 +63,13 @@ def test_reduced_benchmark_reports_every_stage(tmp_path):
     assert os.path.isfile(c["lora_file"]) and c["lora_file"].endswith(".safetensors")
     assert c["text_max_abs_diff"] <= 1e-3 * c["text_scale"], c
 
+    # --resume after a finished run: no stage runs again, every record is the one written.
+    again = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("finished earlier") == len(STAGES), again.stdout
+    resumed = json.loads(out.read_text())["stages"]
+    assert all(resumed[n]["seconds"] == stages[n]["seconds"] for n in STAGES)
+
 
 def test_reduced_run_never_overwrites_the_committed_results(tmp_path):
     committed = os.path.join(ROOT, "benchmarks", "results", "sd15_scale.json")
