@@ -97,3 +97,27 @@ def test_unknown_knob_and_kind_are_refused():
         load_config("subject", "tinny")
     with pytest.raises(ValueError, match="adapter='dora'"):
         load_config("subject", "adapter=dora")
+
+
+def _imported(stderr: str) -> set[str]:
+    """Module names in ``python -X importtime`` output."""
+    return {ln.rsplit("|", 1)[-1].strip() for ln in stderr.splitlines() if ln.startswith("import time:")}
+
+
+def test_command_lines_start_without_pytorch():
+    """diffusers imports torch whenever it is installed; our command lines skip it (seconds per start)."""
+    pytest.importorskip("torch")
+    # hdb_jax.personalize and hdb_jax.sample start the same way (their entry modules call skip_torch).
+    cmd = [sys.executable, "-X", "importtime", "-m", "hdb_jax.train", "--config", "configs/subject.py:tinny"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]  # the bad knob: after every import
+    imported = _imported(proc.stderr)
+    assert "diffusers" in imported and "torch.nn" not in imported  # (the refused "torch" is listed)
+    # The same imports outside a command line load torch: the check sees what it looks for.
+    plain = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import hdb_jax.jobs.cli"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert plain.returncode == 0 and "torch.nn" in _imported(plain.stderr)
