@@ -94,7 +94,7 @@ def _lora_holding(kind: A.LoRA, init: dict, down: jax.Array, up: jax.Array) -> d
     }
 
 
-def check(variant: str, rank: int, lidb_adapters: Mapping[str, A.Adapter], predicted: Mapping[str, Tree]):
+def _check(variant: str, rank: int, lidb_adapters: Mapping[str, A.Adapter], predicted: Mapping[str, Tree]):
     """Raises ValueError for the inputs :func:`relax` cannot turn into an exact starting point."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
@@ -149,9 +149,9 @@ def relax(
       ValueError: an unknown variant, a non-LiDB adapter, predicted factors of the wrong shape
         (e.g. a batch axis), or (``svd``) ``rank`` below the LiDB rank.
     """
-    check(variant, rank, lidb_adapters, predicted)
+    _check(variant, rank, lidb_adapters, predicted)
     kind = A.LoRA(rank=rank, alpha=alpha)
-    adapters = relaxed_adapters(lidb_adapters, rank, alpha)
+    adapters = {c: A.Adapter(kind, a.targets, c) for c, a in lidb_adapters.items()}
     keys = jax.random.split(key, len(adapters))
     trainable = {c: a.init(k) for (c, a), k in zip(adapters.items(), keys)}
 
@@ -175,26 +175,6 @@ def relax(
         basis,
         predicted,
     )
-
-
-def relaxed_adapters(
-    lidb_adapters: Mapping[str, A.Adapter], rank: int, alpha: float | None
-) -> dict[str, A.Adapter]:
-    """The rank-``rank`` LoRA adapters that finetune (``Relaxed.adapters``) on the LiDB layers."""
-    return {c: A.Adapter(A.LoRA(rank=rank, alpha=alpha), a.targets, c) for c, a in lidb_adapters.items()}
-
-
-def folded_adapters(
-    variant: str, lidb_adapters: Mapping[str, A.Adapter], rank: int, alpha: float | None
-) -> dict[str, A.Adapter]:
-    """The adapters of :func:`fold`'s result: the relaxed LoRA (``svd``), or of rank ``rank`` plus
-    the LiDB rank with scale 1 (``fresh``). Values do not matter: known before anything runs."""
-    if variant == "svd":
-        return relaxed_adapters(lidb_adapters, rank, alpha)
-    return {
-        c: A.Adapter(A.LoRA(rank=rank + a.kind.rank, alpha=None), a.targets, c)
-        for c, a in lidb_adapters.items()
-    }
 
 
 def init_state(relaxed: Relaxed, optimizer: optax.GradientTransformation) -> dict:
@@ -370,13 +350,12 @@ def fold(relaxed: Relaxed, trainable: Mapping[str, Tree]) -> tuple[dict[str, A.A
       ``({component: Adapter of kind LoRA}, {component: {path: {"down", "up"}}})``, ready for
       ``Adapter.merge`` or ``export.export_lora``.
     """
-    kind = next(iter(relaxed.adapters.values())).kind
-    adapters = folded_adapters(relaxed.variant, relaxed.lidb_adapters, kind.rank, kind.alpha)
     if relaxed.variant == "svd":
-        return adapters, {c: dict(t) for c, t in trainable.items()}
-    trees = {}
+        return dict(relaxed.adapters), {c: dict(t) for c, t in trainable.items()}
+    adapters, trees = {}, {}
     for c, lora in relaxed.adapters.items():
         lidb = relaxed.lidb_adapters[c]
+        kind = A.LoRA(rank=lora.kind.rank + lidb.kind.rank, alpha=None)
         root = lora.kind.scale**0.5
         trees[c] = {}
         for path in lora.paths:
@@ -386,4 +365,5 @@ def fold(relaxed: Relaxed, trainable: Mapping[str, Tree]) -> tuple[dict[str, A.A
                 "down": jnp.concatenate([root * p["down"], down], axis=1),
                 "up": jnp.concatenate([root * p["up"], up], axis=0),
             }
+        adapters[c] = A.Adapter(kind, lora.targets, c)
     return adapters, trees

@@ -199,7 +199,7 @@ class Personalizer:
         return self._predict[iterations]
 
     def _start(self, predicted: Mapping[str, Any], key: jax.Array):
-        """``(relaxed, state, applied prediction, run key)`` of one identity (traced, see :meth:`_whole`)."""
+        """``(relaxed, state, applied prediction, run key)`` of one identity (see :meth:`finetune_many`)."""
         b, r = self.bundle, self.config.relax
         k_init, k_run = jax.random.split(key)
         rx = relax.relax(
@@ -208,31 +208,16 @@ class Personalizer:
         applied = predicted if r.variant == "fresh" else jax.tree_util.tree_map(jnp.zeros_like, predicted)
         return rx, relax.init_state(rx, self.optimizer), applied, k_run
 
-    def _whole(self, finetune, predicted, params, basis, pixels, input_ids, keys, steps):
-        """N photos end to end, one program: relax each prediction, K finetune steps, fold to LoRAs.
-
-        Everything per identity happens inside it: run eagerly, the LoRA inits, stacks and folds
-        were one small program per leaf shape (seconds per photo on the toy model).
-        """
-
-        def start(pred, key):
-            _, state, applied, k_run = self._start(pred, key)
-            return state, applied, k_run
-
-        def fold(pred, key, trainable):
-            return relax.fold(self._start(pred, key)[0], trainable)[1]
-
-        states, applied, k_runs = jax.vmap(start)(predicted, keys)
-        states, losses = finetune(states, applied, params, basis, pixels, input_ids, k_runs, steps)
-        return jax.vmap(fold)(predicted, keys, states["trainable"]), losses
-
     def _compiled_run(self, n: int, steps: int):
         """The N-photo, K-step program (AOT-compiled once per (N, K); cached on disk too)."""
         if (n, steps) not in self._run:
             r = self.config.relax
-            finetune = relax.make_batched_finetune(
+            rx, state, applied, k_run = self._start(
+                zero_prediction(self.bundle.adapters), jax.random.PRNGKey(0)
+            )
+            program = relax.make_batched_finetune(
                 self.sd,
-                relax.relaxed_adapters(self.bundle.adapters, r.rank, r.alpha or None),
+                rx.adapters,
                 self.bundle.adapters,
                 self.optimizer,
                 batch_size=r.batch_size,
@@ -243,18 +228,18 @@ class Personalizer:
             spec = lambda t: jax.tree_util.tree_map(  # noqa: E731
                 lambda x: jax.ShapeDtypeStruct((n, *jnp.shape(x)), jnp.result_type(x)), t
             )
-            plain = lambda t: jax.tree_util.tree_map(  # noqa: E731
+            plain = lambda t: jax.tree_util.tree_map(
                 lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t
-            )
-            res, key = self.resolution, jax.random.PRNGKey(0)
-            whole = jax.jit(lambda *a: self._whole(finetune, *a), static_argnums=(6,))
-            self._run[(n, steps)] = whole.lower(
-                spec(jax.eval_shape(lambda: zero_prediction(self.bundle.adapters))),
+            )  # noqa: E731
+            res = self.resolution
+            self._run[(n, steps)] = program.lower(
+                spec(state),
+                spec(applied),
                 plain(self.params),
                 plain(self.bundle.basis),
                 jax.ShapeDtypeStruct((n, res, res, 3), jnp.float32),
                 plain(jnp.asarray(self.input_ids)),
-                spec(key),
+                spec(k_run),
                 steps,
             ).compile()
         return self._run[(n, steps)]
@@ -273,8 +258,8 @@ class Personalizer:
         ``iterations`` overrides the bundle's refinement steps (1: no iterative prediction).
         """
         pixels = jnp.asarray(images.to_unit_range(image[None]))
-        predicted = jax.device_get(self._compiled_predict(iterations)(self.bundle.params, pixels))
-        return jax.tree_util.tree_map(lambda x: x[0], predicted)  # host arrays: no program per leaf
+        predicted = self._compiled_predict(iterations)(self.bundle.params, pixels)
+        return jax.tree_util.tree_map(lambda x: x[0], predicted)
 
     def relax(self, predicted: Mapping[str, Any], key: jax.Array) -> relax.Relaxed:
         b, r = self.bundle, self.config.relax
@@ -328,26 +313,24 @@ class Personalizer:
           N ``(adapters, tree, losses)``.
         """
         steps = steps or self.config.relax.steps
-        r = self.config.relax
-        for tree in predicted:  # shapes checked here, with the error naming the layer
-            relax.check(r.variant, r.rank, self.bundle.adapters, tree)
-        run = self._compiled_run(len(predicted), steps)
-        stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *jax.device_get(list(predicted)))
-        trees, losses = jax.device_get(
-            run(
-                stacked,
-                self.params,
-                self.bundle.basis,
-                images.to_unit_range(np.asarray(references)),
-                jnp.asarray(self.input_ids),
-                keys,
-            )
+        started = [self._start(p, k) for p, k in zip(predicted, keys)]
+        stack = lambda trees: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)  # noqa: E731
+        run = self._compiled_run(len(started), steps)
+        pixels = jnp.asarray(images.to_unit_range(np.asarray(references)))
+        states, losses = run(
+            stack([s[1] for s in started]),
+            stack([s[2] for s in started]),
+            self.params,
+            self.bundle.basis,
+            pixels,
+            jnp.asarray(self.input_ids),
+            jnp.stack([s[3] for s in started]),
         )
-        adapters = relax.folded_adapters(r.variant, self.bundle.adapters, r.rank, r.alpha or None)
-        return [
-            (adapters, jax.tree_util.tree_map(lambda x: x[i], trees), np.asarray(losses[i]))
-            for i in range(len(predicted))
-        ]
+        out = []
+        for i, (rx, *_) in enumerate(started):
+            adapters, tree = relax.fold(rx, jax.tree_util.tree_map(lambda x: x[i], states["trainable"]))
+            out.append((adapters, tree, np.asarray(losses[i])))
+        return out
 
     def export(
         self,
