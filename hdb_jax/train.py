@@ -1,11 +1,9 @@
 """``python -m hdb_jax.train``: the short name of :mod:`hdb_jax.jobs.train`."""
 
-if __name__ == "__main__":  # a command line: PyTorch is never used (see startup.skip_torch)
+if __name__ == "__main__":
     from hdb_jax.common.startup import skip_torch
 
-    skip_torch()
+    skip_torch()  # a command line never uses PyTorch (see hdb_jax.common.startup)
+    from hdb_jax.jobs.train import main
 
-from hdb_jax.jobs.train import main  # noqa: E402
-
-if __name__ == "__main__":
     main()
