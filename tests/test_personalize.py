@@ -148,6 +148,9 @@ def test_cli_writes_both_files_and_reuses_the_compile_cache(toy, bundle_dir, fac
     first, second = reports
     assert set(first["timings_s"]) == set(personalize.STAGES)
     assert second["timings_s"]["compile"] < first["timings_s"]["compile"]
+    # The prediction and the finetune are traced and compiled once, then loaded as stored executables.
+    assert first["programs"] == {"loaded": 0, "compiled": 2}
+    assert second["programs"] == {"loaded": 2, "compiled": 0}
     assert len(first["losses"]) == 3 and all(np.isfinite(first["losses"]))
 
     # Our file: a LoRA of rank 4 + 1 (relaxed LoRA + the folded rank-1 prediction) tied to this base model.
@@ -235,6 +238,7 @@ def test_batched_personalisation_equals_single_runs_and_compiles_once(toy, bundl
     sd, params = toy
     config = load_config("personalize")
     config.bundle, config.relax.steps, config.relax.batch_size = os.fspath(bundle_dir), 3, 2
+    config.compile_cache = ""  # no files outside the test's own
     p = personalize.Personalizer.load(config, sd=sd, params=params)
     ids = [3_000_200, 3_000_201, 3_000_202]
     refs = synthetic.render_batch(ids, [0] * 3, ["photo"] * 3, 0, 32)
