@@ -11,6 +11,7 @@ frozen features of the same reference views to the same targets, with its best p
 
 import jax
 import numpy as np
+import pytest
 from conftest import load_config
 
 from hdb_jax import adapters as A
@@ -56,6 +57,7 @@ def _ridge_r2(features, targets, held_features, held_targets, kind):
     return best
 
 
+@pytest.mark.optimized  # 300 training steps
 def test_hypernetwork_fits_a_linear_function_of_identity(tmp_path):
     config = load_config("hypernet", "toy")
     sd, params = build.base_model(config.model)

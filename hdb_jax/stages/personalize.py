@@ -22,7 +22,7 @@ import optax
 
 from hdb_jax import adapters as A
 from hdb_jax.blocks import build, relax
-from hdb_jax.common import images
+from hdb_jax.common import executables, images
 from hdb_jax.data import folder
 from hdb_jax.formats import lora as export
 from hdb_jax.formats import personal
@@ -112,7 +112,8 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
         raise SettingsError("; ".join(problems))
 
 
-CACHE_MAX_BYTES = 16 << 30  # the persistent compilation cache's bound (least recently used go first)
+CACHE_MAX_BYTES = 16 << 30
+EXECUTABLES = "executables"  # the compile cache's folder of stored programs (ExecutableStore)  # the persistent compilation cache's bound (least recently used go first)
 
 
 def enable_compile_cache(directory: str | os.PathLike | None) -> None:
@@ -156,6 +157,7 @@ class Personalizer:
     fingerprint: str
     optimizer: optax.GradientTransformation
     input_ids: np.ndarray
+    store: executables.ExecutableStore | None = None  # compiled programs on disk (no tracing when warm)
     _predict: dict = dataclasses.field(default_factory=dict)  # iterations -> compiled prediction
     _run: dict = dataclasses.field(default_factory=dict)  # (photos, steps) -> compiled finetune program
 
@@ -173,7 +175,12 @@ class Personalizer:
             dict(learning_rate=r.learning_rate, weight_decay=r.weight_decay, grad_clip=r.grad_clip)
         )
         ids = np.asarray(sd.tokenize([config.prompt]))[0]
-        return cls(sd, params, bundle, config, fingerprint, optimizer, ids)
+        store = (
+            executables.ExecutableStore(Path(config.compile_cache) / EXECUTABLES)
+            if config.compile_cache
+            else None
+        )
+        return cls(sd, params, bundle, config, fingerprint, optimizer, ids, store)
 
     # ---------------------------------------------------------------- compiled programs
     @property
@@ -186,15 +193,40 @@ class Personalizer:
         net = self.bundle.net
         return net.apply({"params": net_params}, resize_images(images, net.image_size), iterations)
 
+    def _compile(self, name: str, key: Mapping[str, Any], lower) -> jax.stages.Compiled:
+        """``lower().compile()``, or the executable stored under ``key`` (see :attr:`store`)."""
+        if self.store is None:
+            return lower().compile()
+        return self.store.get(name, key, lower)
+
+    def _model_key(self) -> dict[str, Any]:
+        """What, besides argument shapes, decides the base model's part of a program."""
+        sd = self.sd
+        return {
+            "configs": sd.configs,
+            "attention": [sd.attention, sd.attention_chunk],
+            "remat": sd.remat,
+            "resolution": self.resolution,
+            "prng": str(jax.config.jax_default_prng_impl),
+        }
+
     def _compiled_predict(self, iterations: int | None):
         """The compiled ``(hypernetwork params, images [1, H, W, 3]) -> trainable tree``. The params
         are an argument: closed over, they would be compiled in as constants (2.5 GB for ViT-H/14)."""
         if iterations not in self._predict:
             image = jax.ShapeDtypeStruct((1, self.resolution, self.resolution, 3), jnp.float32)
-            self._predict[iterations] = (
-                jax.jit(self._predict_fn, static_argnums=2)
-                .lower(jax.eval_shape(lambda: self.bundle.params), image, iterations)
-                .compile()
+            abstract_params = jax.eval_shape(lambda: self.bundle.params)
+            key = {
+                "net": repr(self.bundle.net),
+                "bundle": self.bundle.meta,
+                "params": executables.abstract(abstract_params),
+                "image": list(image.shape),
+                "iterations": iterations,
+            }
+            self._predict[iterations] = self._compile(
+                "predict",
+                key,
+                lambda: jax.jit(self._predict_fn, static_argnums=2).lower(abstract_params, image, iterations),
             )
         return self._predict[iterations]
 
@@ -209,40 +241,51 @@ class Personalizer:
         return rx, relax.init_state(rx, self.optimizer), applied, k_run
 
     def _compiled_run(self, n: int, steps: int):
-        """The N-photo, K-step program (AOT-compiled once per (N, K); cached on disk too)."""
+        """The N-photo, K-step program (AOT-compiled once per (N, K); stored on disk too)."""
         if (n, steps) not in self._run:
-            r = self.config.relax
-            rx, state, applied, k_run = self._start(
-                zero_prediction(self.bundle.adapters), jax.random.PRNGKey(0)
-            )
-            program = relax.make_batched_finetune(
-                self.sd,
-                rx.adapters,
-                self.bundle.adapters,
-                self.optimizer,
-                batch_size=r.batch_size,
-                flip=r.flip,
-                shift=r.shift,
-                map_batch=r.map_batch,
-            )
-            spec = lambda t: jax.tree_util.tree_map(  # noqa: E731
-                lambda x: jax.ShapeDtypeStruct((n, *jnp.shape(x)), jnp.result_type(x)), t
-            )
-            plain = lambda t: jax.tree_util.tree_map(
-                lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t
-            )  # noqa: E731
-            res = self.resolution
-            self._run[(n, steps)] = program.lower(
-                spec(state),
-                spec(applied),
-                plain(self.params),
-                plain(self.bundle.basis),
-                jax.ShapeDtypeStruct((n, res, res, 3), jnp.float32),
-                plain(jnp.asarray(self.input_ids)),
-                spec(k_run),
-                steps,
-            ).compile()
+            key = {
+                "model": self._model_key(),
+                "relax": self.config.relax.to_dict(),
+                "lidb": repr(self.bundle.adapters),
+                "params": executables.abstract(jax.eval_shape(lambda: self.params)),
+                "basis": executables.abstract(jax.eval_shape(lambda: self.bundle.basis)),
+                "prompt_tokens": len(self.input_ids),
+                "photos": n,
+                "steps": steps,
+            }
+            self._run[(n, steps)] = self._compile("finetune", key, lambda: self._lower_run(n, steps))
         return self._run[(n, steps)]
+
+    def _lower_run(self, n: int, steps: int) -> jax.stages.Lowered:
+        r = self.config.relax
+        rx, state, applied, k_run = self._start(zero_prediction(self.bundle.adapters), jax.random.PRNGKey(0))
+        program = relax.make_batched_finetune(
+            self.sd,
+            rx.adapters,
+            self.bundle.adapters,
+            self.optimizer,
+            batch_size=r.batch_size,
+            flip=r.flip,
+            shift=r.shift,
+            map_batch=r.map_batch,
+        )
+        spec = lambda t: jax.tree_util.tree_map(  # noqa: E731
+            lambda x: jax.ShapeDtypeStruct((n, *jnp.shape(x)), jnp.result_type(x)), t
+        )
+        plain = lambda t: jax.tree_util.tree_map(  # noqa: E731
+            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t
+        )
+        res = self.resolution
+        return program.lower(
+            spec(state),
+            spec(applied),
+            plain(self.params),
+            plain(self.bundle.basis),
+            jax.ShapeDtypeStruct((n, res, res, 3), jnp.float32),
+            plain(jnp.asarray(self.input_ids)),
+            spec(k_run),
+            steps,
+        )
 
     def compile(self, steps: int | None = None, iterations: int | None = None) -> float:
         """Compiles (or fetches from the persistent cache) prediction and the K-step finetune; seconds."""
