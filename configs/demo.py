@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     # Held-out identities (never seen by any toy model) x 4 prompts x 2 seeds.
-    c.eval.identities = tuple(range(3_000_000, 3_000_000 + (2 if reduced else 16 if full else 8)))
+    c.eval.identities = tuple(range(3_000_000, 3_000_000 + (1 if reduced else 16 if full else 8)))
     c.eval.rows = ROWS if reduced or full else HYPERDREAMBOOTH_ROWS
     c.eval.prompts = PROMPTS
     c.eval.token = "sks"

@@ -105,7 +105,7 @@ def _optimized(request):
     if request.node.get_closest_marker("optimized") is None:
         yield
         return
-    previous = jax.config.jax_disable_most_optimizations
+    previous = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
     try:
         yield

@@ -63,6 +63,7 @@ def test_uint8_float_and_resized_inputs(scorer):
     assert same.min() > 0.95  # measured >= 0.993: a 64 px render lands next to the same image at 32 px
 
 
+@pytest.mark.optimized  # at LLVM's -O0 XLA:CPU's step turns the loss to NaN by step 4 (at -O2 it trains)
 def test_train_reduced_lowers_loss_and_resumes(tmp_path):
     config = load_config("identity_toy", "reduced")
     config.workdir, config.out_dir, config.steps = str(tmp_path / "run"), str(tmp_path / "out"), 4

@@ -234,6 +234,7 @@ def test_missing_bundle_is_named(tmp_path, face_png):
         personalize.personalize(config, os.fspath(face_png), os.fspath(tmp_path / "out"))
 
 
+@pytest.mark.optimized  # 27 finetune steps: at -O0 they take longer than the compile saves
 def test_batched_personalisation_equals_single_runs_and_compiles_once(toy, bundle_dir):
     sd, params = toy
     config = load_config("personalize")
