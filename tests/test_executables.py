@@ -79,3 +79,15 @@ def test_key_covers_source_shapes_and_environment(tmp_path, monkeypatch):
     assert store.digest("f", {"k": 2}) != digest and store.digest("g", {"k": 1}) != digest
     monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")  # another compiler setting
     assert store.digest("f", {"k": 1}) != digest
+
+
+def test_only_the_most_recently_used_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(executables, "KEEP", 2)
+    store = executables.ExecutableStore(tmp_path)
+    for scale in (1.0, 2.0):
+        store.get("f", {"scale": scale}, _program(scale)[1])
+    store.get("f", {"scale": 1.0}, _program(1.0)[1])  # used again: now the most recent
+    store.get("f", {"scale": 3.0}, _program(3.0)[1])
+    kept = {p.name for p in tmp_path.glob("f-*" + executables.SUFFIX)}
+    assert kept == {store.path("f", {"scale": s}).name for s in (1.0, 3.0)}
+    assert (store.hits, store.misses) == (1, 3)

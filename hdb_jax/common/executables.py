@@ -26,6 +26,7 @@ import jax
 
 FORMAT = 1  # bumped when the file layout changes
 SUFFIX = ".jaxexe"
+KEEP = 8  # stored executables kept per program name, most recently used first
 _PACKAGE = Path(__file__).resolve().parents[1]  # hdb_jax/
 
 
@@ -63,6 +64,7 @@ def environment() -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "x64": bool(jax.config.jax_enable_x64),
         "matmul_precision": str(jax.config.jax_default_matmul_precision),
+        "most_optimizations_off": bool(jax.config.read("jax_disable_most_optimizations")),
     }
 
 
@@ -70,8 +72,9 @@ class ExecutableStore:
     """``directory/<name>-<digest>.jaxexe``: one serialised executable per key.
 
     ``get(name, key, lower)`` returns the stored executable for ``(name, key)`` or compiles
-    ``lower()`` (a :class:`jax.stages.Lowered`) and stores it. Loading, as any unpickling, runs
-    what the file says: point a store only at a directory you trust.
+    ``lower()`` (a :class:`jax.stages.Lowered`) and stores it. Per name the :data:`KEEP` most
+    recently used files stay (an upgrade of the library leaves no trail of dead programs).
+    Loading, as any unpickling, runs what the file says: point a store only at a directory you trust.
     """
 
     def __init__(self, directory: os.PathLike | str):
@@ -104,6 +107,7 @@ class ExecutableStore:
                     payload, in_tree, out_tree, execution_devices=[by_id[i] for i in device_ids]
                 )
                 self.hits += 1
+                os.utime(path)  # recently used: kept by _prune
                 return compiled
             except Exception as e:  # noqa: BLE001 -- a bad entry is recompiled, never fatal
                 warnings.warn(f"{path}: stored executable unreadable ({e!r}); compiling again", stacklevel=2)
@@ -119,4 +123,13 @@ class ExecutableStore:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(blob)
         os.replace(tmp, path)  # atomic: a concurrent reader sees no file or the whole file
+        self._prune(name)
         return compiled
+
+    def _prune(self, name: str) -> None:
+        """Removes all but the :data:`KEEP` most recently used executables of ``name``."""
+        files = sorted(
+            self.directory.glob(f"{name}-*{SUFFIX}"), key=lambda f: f.stat().st_mtime, reverse=True
+        )
+        for old in files[KEEP:]:
+            old.unlink(missing_ok=True)
