@@ -198,7 +198,9 @@ def test_scan_program_equals_single_steps(stepped, ran):
     run_trees, run_losses = ran["fresh"]
     np.testing.assert_allclose(run_losses, losses, rtol=1e-6, atol=0)
     for got, want, first in zip(*(jax.tree_util.tree_leaves(t) for t in (run_trees, trees[-1], trees[0]))):
-        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+        # Two programs, fused differently: float32 reassociation in a gradient, which Adam divides
+        # by its own root mean square, moves a factor by parts in a million (5.6e-6 seen at -O0).
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
         assert not np.array_equal(want, first)  # the later steps moved every factor
 
 
