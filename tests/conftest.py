@@ -127,13 +127,14 @@ def load_config(name: str, arg: str | None = None):
 LONGEST_FIRST = (
     "test_demo.py",
     "test_hypernet_sharding.py",
-    "test_hypernet_learns.py",
     "test_subject.py",
+    "test_hypernet_learns.py",
+    "test_personalize.py",
     "test_preopt.py",
     "test_toy_base.py",
-    "test_personalize.py",
-    "test_baselines.py",
     "test_notebook.py",
+    "test_baselines.py",
+    "test_adapters.py",
     "test_identity_sources.py",
     "test_sweep.py",
 )
