@@ -15,6 +15,7 @@ images, keys) are not part of a program and do not belong in the key; their shap
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import pickle
@@ -51,13 +52,23 @@ def abstract(tree: Any) -> list[str]:
     return out
 
 
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "diffusers", "transformers")
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 def environment() -> dict[str, Any]:
     """What outside the caller's key decides a compiled program: JAX, the devices, XLA's flags."""
     devices = jax.devices()
     return {
         "format": FORMAT,
-        "jax": jax.__version__,
-        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+        # The libraries whose code is traced into our programs (the UNet is diffusers' module).
+        "versions": {name: _version(name) for name in LIBRARIES},
         "backend": jax.default_backend(),
         "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
         "processes": jax.process_count(),

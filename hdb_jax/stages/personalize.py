@@ -112,8 +112,8 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
         raise SettingsError("; ".join(problems))
 
 
-CACHE_MAX_BYTES = 16 << 30
-EXECUTABLES = "executables"  # the compile cache's folder of stored programs (ExecutableStore)  # the persistent compilation cache's bound (least recently used go first)
+CACHE_MAX_BYTES = 16 << 30  # the persistent compilation cache's bound (least recently used go first)
+EXECUTABLES = "executables"  # the compile cache's folder of stored programs (ExecutableStore)
 
 
 def enable_compile_cache(directory: str | os.PathLike | None) -> None:
