@@ -64,22 +64,16 @@ def tiny_model_dir(tmp_path_factory):
     return root
 
 
-# Command-line runs in the tests are smoke runs: seconds of compile, a few steps each. LLVM's lowest
-# optimisation level halves XLA:CPU's compile of the tiny subject step (31 s -> 16 s on 2 cores)
-# and makes its steps slower (0.11 s -> 0.41 s), identical losses; a subprocess test whose run is
-# compile-bound passes this in its environment.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-
-
 def cli_env(devices: int | None = None, **extra: str) -> dict:
-    """The environment of a command-line run in a test: fast compiles, ``devices`` fake CPU devices
-    (None: the suite's), and ``extra`` variables."""
+    """The environment of a command-line run in a test: ``devices`` fake CPU devices (None: the
+    suite's) and ``extra`` variables. It compiles as the suite does, with XLA's most optimisations
+    off (``JAX_DISABLE_MOST_OPTIMIZATIONS``, set above and inherited)."""
     flags = (
         os.environ.get("XLA_FLAGS", "")
         if devices is None
         else f"--xla_force_host_platform_device_count={devices}"
     )
-    return {**os.environ, "XLA_FLAGS": f"{flags} {FAST_COMPILE}".strip(), **extra}
+    return {**os.environ, "XLA_FLAGS": flags, **extra}
 
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

@@ -9,7 +9,7 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
-from conftest import cli_env, load_config
+from conftest import load_config
 
 from hdb_jax.blocks import build
 from hdb_jax.data import weights
@@ -42,11 +42,7 @@ def test_preopt_kill_resume_every_identity_once(tmp_path, tiny_model_dir):
     workdir = tmp_path / "preopt"
     index = workdir / "index.jsonl"
     proc = subprocess.Popen(
-        _cmd(workdir, tiny_model_dir),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=cli_env(),
+        _cmd(workdir, tiny_model_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:
@@ -58,9 +54,7 @@ def test_preopt_kill_resume_every_identity_once(tmp_path, tiny_model_dir):
     first = [json.loads(line) for line in index.read_text().splitlines()]
     assert 2 <= len(first) < 4, "the run should have been killed part-way"
 
-    out = subprocess.run(
-        _cmd(workdir, tiny_model_dir), cwd=ROOT, capture_output=True, text=True, env=cli_env()
-    )
+    out = subprocess.run(_cmd(workdir, tiny_model_dir), cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{len(first)} identities already done, {4 - len(first)} to pre-optimise" in out.stdout
     rows = [json.loads(line) for line in index.read_text().splitlines()]
@@ -80,9 +74,7 @@ def test_preopt_kill_resume_every_identity_once(tmp_path, tiny_model_dir):
         for j in range(i + 1, 4):
             assert np.abs(stacked[i] - stacked[j]).max() > 1e-6, (i, j)
 
-    again = subprocess.run(
-        _cmd(workdir, tiny_model_dir), cwd=ROOT, capture_output=True, text=True, env=cli_env()
-    )
+    again = subprocess.run(_cmd(workdir, tiny_model_dir), cwd=ROOT, capture_output=True, text=True)
     assert "4 identities already done, 0 to pre-optimise" in again.stdout
 
     # Stage 2 on these weights: the hypernetwork's predictions beat zero weights on held-out faces.
@@ -104,7 +96,6 @@ def test_preopt_kill_resume_every_identity_once(tmp_path, tiny_model_dir):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env=cli_env(),
     )
     assert hyper.returncode == 0, hyper.stderr[-3000:]
     heldout = json.loads((tmp_path / "hyper" / "heldout.json").read_text())
