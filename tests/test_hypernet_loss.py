@@ -75,6 +75,24 @@ def test_r_squared_of_known_predictions():
     assert ht.r_squared(mean, np.asarray(target), kind) < 0.5
 
 
+def test_r_squared_equals_the_dense_definition():
+    """The factor-space (Gram) computation against the definition on dense float64 products."""
+    kind = A.LiDB(a=7, b=5, rank=2)
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(9, 3, (kind.a + kind.b) * kind.rank))
+    predicted = target + 0.5 * rng.normal(size=target.shape)
+
+    def dense(tokens):
+        a = tokens[..., : kind.a * kind.rank].reshape(tokens.shape[:-1] + (kind.a, kind.rank))
+        b = tokens[..., kind.a * kind.rank :].reshape(tokens.shape[:-1] + (kind.rank, kind.b))
+        return a @ b  # [N, n, a, b]
+
+    p, t = dense(predicted), dense(target)
+    expected = 1 - np.sum((p - t) ** 2) / np.sum((t - t.mean(0)) ** 2)
+    assert 0.0 < expected < 1.0
+    np.testing.assert_allclose(ht.r_squared(predicted, target, kind), expected, rtol=1e-12)
+
+
 def test_factor_distance_and_the_saddle_of_the_dw_distance_at_zero():
     """The dW distance has zero gradient at a zero prediction (exact saddle); the factor one does not."""
     kind = A.LiDB(a=6, b=4, rank=1)

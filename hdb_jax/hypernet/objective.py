@@ -50,12 +50,35 @@ def factor_distance(predicted: jax.Array, target: jax.Array) -> jax.Array:
 WEIGHT_SPACES = {"dw": "weight_distance", "factor": "factor_distance"}
 
 
+def _factors64(tokens: np.ndarray, kind: A.LiDB) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens ``[N, n, W]`` -> float64 ``(A_train [N, n, a, r], B_train [N, n, r, b])``."""
+    t = np.asarray(tokens, np.float64)
+    a, b, r = kind.a, kind.b, kind.rank
+    return t[..., : a * r].reshape(t.shape[:-1] + (a, r)), t[..., a * r :].reshape(t.shape[:-1] + (r, b))
+
+
 def r_squared(predicted: np.ndarray, target: np.ndarray, kind: A.LiDB) -> float:
-    """``1 − Σ‖ΔŴ − ΔW‖² / Σ‖ΔW − mean ΔW‖²`` over identities (tokens ``[N, n, W]``), in ΔW space."""
-    pred = np.asarray(weight_products(jnp.asarray(predicted), kind), np.float64)
-    true = np.asarray(weight_products(jnp.asarray(target), kind), np.float64)
-    residual = np.sum((pred - true) ** 2)
-    total = np.sum((true - true.mean(axis=0, keepdims=True)) ** 2)
+    """``1 − Σ‖ΔŴ − ΔW‖² / Σ‖ΔW − mean ΔW‖²`` over identities (tokens ``[N, n, W]``), in ΔW space.
+
+    Computed in float64 on the factors, without forming the ``[N, n, a, b]`` products: a
+    difference ``Â B̂ − A B = [Â, A] · [B̂; −B]`` has rank ``2r``, so its squared Frobenius norm
+    is ``Σ (XᵀX) ∘ (YYᵀ)`` over ``2r x 2r`` Gram matrices (exactly 0 when ``Â B̂ = A B`` term by
+    term). Only the mean target product is dense (``[n, a, b]``, once).
+    """
+    pa, pb = _factors64(predicted, kind)
+    ta, tb = _factors64(target, kind)
+    x = np.concatenate([pa, ta], axis=-1)  # [N, n, a, 2r]
+    y = np.concatenate([pb, -tb], axis=-2)  # [N, n, 2r, b]
+    gram_x = np.einsum("inar,inas->inrs", x, x)
+    gram_y = np.einsum("inrb,insb->inrs", y, y)
+    residual = np.einsum("inrs,inrs->in", gram_x, gram_y).sum()
+    # Σ_i ‖T_i − T̄‖² = Σ_i ‖T_i‖² − N ‖T̄‖², T̄ the mean product (dense, by one matmul per layer).
+    n_id, layers = ta.shape[:2]
+    own = np.einsum("inrs,inrs->in", np.einsum("inar,inas->inrs", ta, ta), np.einsum("inrb,insb->inrs", tb, tb))
+    stacked_a = ta.transpose(1, 2, 0, 3).reshape(layers, kind.a, -1)  # [n, a, N r]
+    stacked_b = tb.transpose(1, 0, 2, 3).reshape(layers, -1, kind.b)  # [n, N r, b]
+    mean = (stacked_a @ stacked_b) / n_id
+    total = own.sum() - n_id * np.sum(mean**2)
     return float(1.0 - residual / total) if total > 0 else float("nan")
 
 
