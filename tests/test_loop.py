@@ -79,3 +79,25 @@ def test_validation_and_metrics_reach_tensorboard(tmp_path):
     assert [e.step for e in acc.Scalars("phase/loss")] == [2, 4, 6]
     assert [e.step for e in acc.Scalars("phase/steps_per_s")] == [2, 4, 6]
     assert [e.step for e in acc.Images("phase/val/grid")] == [4, 6]
+
+
+def test_a_restored_state_compiles_to_the_program_of_a_fresh_one(tmp_path):
+    """A checkpoint restores committed arrays; the step compiled for them is the fresh run's program
+    (one persistent-cache entry for a run and its resumption), and it runs on both."""
+    import jax
+
+    fresh = _state()
+    config = {"steps": 2, "log_every": 1, "checkpoint_every": 1}
+    with loop.open_run(str(tmp_path / "run"), config) as run:
+        loop.train(_state(), _step, _batch, config, start=0, run=run)
+    with loop.open_run(str(tmp_path / "run"), config) as run:
+        start, restored = run.restore(_state())
+    assert start == 2 and restored["w"].committed and not fresh["w"].committed
+    jitted = jax.jit(_step)
+    lowered = [jitted.lower(s, _batch(0)).as_text() for s in (fresh, restored)]
+    assert lowered[0] != lowered[1]  # as they are, the two lower to different programs
+    compiled = [loop.compile_step(jitted, s, _batch(0)) for s in (fresh, restored)]
+    assert compiled[0].as_text() == compiled[1].as_text()
+    for c in compiled:
+        np.testing.assert_array_equal(c(restored, _batch(2))[0]["w"], restored["w"] + 2.0)
+        np.testing.assert_array_equal(c(fresh, _batch(2))[0]["w"], [2.0, 2.0])

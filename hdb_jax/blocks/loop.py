@@ -88,6 +88,19 @@ def restore(ckpt: checkpoint.Checkpointer | None, state: Any, *, name: str = "tr
     return start, state
 
 
+def _as_example(x: Any) -> Any:
+    """An array on the default device, committed or not, as its shape and dtype.
+
+    A state restored from a checkpoint is committed to its device, a fresh one is not; lowered
+    as they are, the two give programs that differ only in sharding annotations, and a resumed run
+    missed the persistent compilation cache the first run had filled (toy base recipe: the UNet
+    step compiled twice). The compiled program accepts both.
+    """
+    if isinstance(x, jax.Array) and x.sharding.device_set == {jax.devices()[0]}:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type)
+    return x
+
+
 def compile_step(jitted: Any, *example_args: Any, name: str = "train step") -> Any:
     """``jitted`` compiled ahead of time for ``example_args`` (arrays or ``jax.ShapeDtypeStruct``s).
 
@@ -97,7 +110,7 @@ def compile_step(jitted: Any, *example_args: Any, name: str = "train step") -> A
     dtypes and shardings, and keeps ``jitted``'s donation.
     """
     t0 = time.perf_counter()
-    compiled = jitted.lower(*example_args).compile()
+    compiled = jitted.lower(*jax.tree_util.tree_map(_as_example, example_args)).compile()
     seconds = time.perf_counter() - t0
     memory = compiled.memory_analysis()
     parts = []
