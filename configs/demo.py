@@ -100,8 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.oracle.model = c.model
     c.oracle.bundle_dir = ""  # the bundle the hypernetwork rows use (its LiDB basis)
     c.oracle.chunk_size = 4 if reduced else len(c.eval.identities)  # every evaluation identity: one chunk
-    if reduced:
-        c.oracle.steps = 2
+    if reduced:  # stage 1's program exactly (the same steps: one learning-rate schedule), compiled once
+        c.oracle.steps = c.preopt.steps
 
     c.baselines = ml_collections.ConfigDict()
     for row, arg in (
