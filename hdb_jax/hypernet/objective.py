@@ -74,7 +74,9 @@ def r_squared(predicted: np.ndarray, target: np.ndarray, kind: A.LiDB) -> float:
     residual = np.einsum("inrs,inrs->in", gram_x, gram_y).sum()
     # Σ_i ‖T_i − T̄‖² = Σ_i ‖T_i‖² − N ‖T̄‖², T̄ the mean product (dense, by one matmul per layer).
     n_id, layers = ta.shape[:2]
-    own = np.einsum("inrs,inrs->in", np.einsum("inar,inas->inrs", ta, ta), np.einsum("inrb,insb->inrs", tb, tb))
+    own = np.einsum(
+        "inrs,inrs->in", np.einsum("inar,inas->inrs", ta, ta), np.einsum("inrb,insb->inrs", tb, tb)
+    )
     stacked_a = ta.transpose(1, 2, 0, 3).reshape(layers, kind.a, -1)  # [n, a, N r]
     stacked_b = tb.transpose(1, 0, 2, 3).reshape(layers, -1, kind.b)  # [n, N r, b]
     mean = (stacked_a @ stacked_b) / n_id
