@@ -47,6 +47,13 @@ def token_width(kind: LiDB) -> int:
     return (kind.a + kind.b) * kind.rank
 
 
+def token_factors(tokens, kind: LiDB):
+    """Weight tokens ``[..., W]`` (jax or numpy) -> ``(A_train [..., a, r], B_train [..., r, b])``."""
+    a, b, r = kind.a, kind.b, kind.rank
+    lead = tokens.shape[:-1]
+    return tokens[..., : a * r].reshape(lead + (a, r)), tokens[..., a * r :].reshape(lead + (r, b))
+
+
 def _check_kind(adapters: Mapping[str, Adapter], kind: LiDB) -> None:
     for component, adapter in adapters.items():
         own = adapter.kind
@@ -69,15 +76,12 @@ def tokens_to_tree(tokens: jax.Array, adapters: Mapping[str, Adapter], kind: LiD
       ``{component: {path: {"a_train": [..., a, r], "b_train": [..., r, b]}}}``.
     """
     _check_kind(adapters, kind)
-    a, b, r = kind.a, kind.b, kind.rank
     layout = token_layout(adapters)
     if tokens.shape[-2:] != (len(layout), token_width(kind)):
         raise ValueError(
             f"expected tokens [..., {len(layout)}, {token_width(kind)}], got {tuple(tokens.shape)}"
         )
-    lead = tokens.shape[:-2]
-    a_all = tokens[..., : a * r].reshape(lead + (len(layout), a, r))  # [..., n, a, r]
-    b_all = tokens[..., a * r :].reshape(lead + (len(layout), r, b))  # [..., n, r, b]
+    a_all, b_all = token_factors(tokens, kind)  # [..., n, a, r], [..., n, r, b]
     tree: dict[str, dict] = {c: {} for c in sorted(adapters)}
     for i, (component, path) in enumerate(layout):
         tree[component][path] = {"a_train": a_all[..., i, :, :], "b_train": b_all[..., i, :, :]}

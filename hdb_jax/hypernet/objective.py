@@ -23,10 +23,7 @@ from hdb_jax.hypernet.model import HyperNetwork
 
 def weight_products(tokens: jax.Array, kind: A.LiDB) -> jax.Array:
     """Weight tokens ``[..., n, (a+b)·r]`` -> the per-layer products ``A_train·B_train`` ``[..., n, a, b]``."""
-    a, b, r = kind.a, kind.b, kind.rank
-    lead = tokens.shape[:-1]
-    factor_a = tokens[..., : a * r].reshape(lead + (a, r))
-    factor_b = tokens[..., a * r :].reshape(lead + (r, b))
+    factor_a, factor_b = dec.token_factors(tokens, kind)
     return factor_a @ factor_b
 
 
@@ -50,13 +47,6 @@ def factor_distance(predicted: jax.Array, target: jax.Array) -> jax.Array:
 WEIGHT_SPACES = {"dw": "weight_distance", "factor": "factor_distance"}
 
 
-def _factors64(tokens: np.ndarray, kind: A.LiDB) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens ``[N, n, W]`` -> float64 ``(A_train [N, n, a, r], B_train [N, n, r, b])``."""
-    t = np.asarray(tokens, np.float64)
-    a, b, r = kind.a, kind.b, kind.rank
-    return t[..., : a * r].reshape(t.shape[:-1] + (a, r)), t[..., a * r :].reshape(t.shape[:-1] + (r, b))
-
-
 def r_squared(predicted: np.ndarray, target: np.ndarray, kind: A.LiDB) -> float:
     """``1 − Σ‖ΔŴ − ΔW‖² / Σ‖ΔW − mean ΔW‖²`` over identities (tokens ``[N, n, W]``), in ΔW space.
 
@@ -65,18 +55,17 @@ def r_squared(predicted: np.ndarray, target: np.ndarray, kind: A.LiDB) -> float:
     is ``Σ (XᵀX) ∘ (YYᵀ)`` over ``2r x 2r`` Gram matrices (exactly 0 when ``Â B̂ = A B`` term by
     term). Only the mean target product is dense (``[n, a, b]``, once).
     """
-    pa, pb = _factors64(predicted, kind)
-    ta, tb = _factors64(target, kind)
+    pa, pb = dec.token_factors(np.asarray(predicted, np.float64), kind)
+    ta, tb = dec.token_factors(np.asarray(target, np.float64), kind)
     x = np.concatenate([pa, ta], axis=-1)  # [N, n, a, 2r]
     y = np.concatenate([pb, -tb], axis=-2)  # [N, n, 2r, b]
     gram_x = np.einsum("inar,inas->inrs", x, x)
     gram_y = np.einsum("inrb,insb->inrs", y, y)
     residual = np.einsum("inrs,inrs->in", gram_x, gram_y).sum()
-    # Σ_i ‖T_i − T̄‖² = Σ_i ‖T_i‖² − N ‖T̄‖², T̄ the mean product (dense, by one matmul per layer).
-    n_id, layers = ta.shape[:2]
-    own = np.einsum(
-        "inrs,inrs->in", np.einsum("inar,inas->inrs", ta, ta), np.einsum("inrb,insb->inrs", tb, tb)
-    )
+    # Σ_i ‖T_i − T̄‖² = Σ_i ‖T_i‖² − N ‖T̄‖², T̄ the mean product (dense, by one matmul per layer);
+    # ‖T_i‖² from the targets' own blocks of the Gram matrices above.
+    r, (n_id, layers) = kind.rank, ta.shape[:2]
+    own = np.einsum("inrs,inrs->in", gram_x[..., r:, r:], gram_y[..., r:, r:])
     stacked_a = ta.transpose(1, 2, 0, 3).reshape(layers, kind.a, -1)  # [n, a, N r]
     stacked_b = tb.transpose(1, 0, 2, 3).reshape(layers, -1, kind.b)  # [n, N r, b]
     mean = (stacked_a @ stacked_b) / n_id
