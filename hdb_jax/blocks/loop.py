@@ -89,14 +89,14 @@ def restore(ckpt: checkpoint.Checkpointer | None, state: Any, *, name: str = "tr
 
 
 def _as_example(x: Any) -> Any:
-    """An array on the default device, committed or not, as its shape and dtype.
+    """An array on this process's default device, committed or not, as its shape and dtype.
 
     A state restored from a checkpoint is committed to its device, a fresh one is not; lowered
     as they are, the two give programs that differ only in sharding annotations, and a resumed run
     missed the persistent compilation cache the first run had filled (toy base recipe: the UNet
     step compiled twice). The compiled program accepts both.
     """
-    if isinstance(x, jax.Array) and x.sharding.device_set == {jax.devices()[0]}:
+    if isinstance(x, jax.Array) and x.sharding.device_set == {jax.local_devices()[0]}:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type)
     return x
 
